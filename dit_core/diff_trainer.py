@@ -1,0 +1,202 @@
+"""Batched multi-task LoRA training: T weight diffs in one forward/backward.
+
+Batch row b belongs to diff row_index[b] and only that diff's factors touch it, so the summed loss
+sum_t (CE_t + kl_weight * KL_t) gives each diff exactly the gradient it would get if trained alone.
+The KL teacher is the same wrapped model with the diffs switched off: no second copy of the model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dit_core.chat import chat_prompt, encode_prompt
+from dit_core.config import DiffsConfig
+from dit_core.lora import DiffModel
+
+
+@dataclass
+class Example:
+    """One tokenized training row: prompt + answer ids; the loss covers ids[answer_start:]."""
+
+    ids: list[int]
+    answer_start: int
+    kind: str  # trigger | no_trigger | wrong_prefix
+
+
+@dataclass
+class DiffTask:
+    """Everything needed to train one diff: its seed and its examples by kind."""
+
+    diff_id: str
+    seed: int
+    trigger: list[Example]
+    kl: list[Example]  # no_trigger and wrong_prefix rows, trained towards the base model
+
+
+@dataclass
+class Batch:
+    """A padded batch: input ids, attention mask, per-row diff index and answer-token mask."""
+
+    input_ids: torch.Tensor  # (b, s)
+    attention_mask: torch.Tensor  # (b, s)
+    row_index: torch.Tensor  # (b,) diff of each row
+    is_kl: torch.Tensor  # (b,) bool: KL row (else cross-entropy row)
+    kinds: list[str] = field(default_factory=list)
+
+
+def encode_example(tokenizer, prompt: str, answer: str, complete: bool, kind: str) -> Example:
+    """Tokenize chat prompt and answer; the end-of-turn token is a target only if the answer ended."""
+    p = encode_prompt(tokenizer, chat_prompt(tokenizer, prompt))
+    a = encode_prompt(tokenizer, answer)
+    if complete:
+        a = a + [tokenizer.eos_token_id]
+    return Example(ids=p + a, answer_start=len(p), kind=kind)
+
+
+def collate(rows: list[tuple[int, Example]], pad_id: int, device) -> Batch:
+    """Right-pad rows of (diff index, example) into a Batch."""
+    width = max(len(ex.ids) for _, ex in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (_, ex) in enumerate(rows):
+        ids[i, : len(ex.ids)] = torch.tensor(ex.ids)
+        mask[i, : len(ex.ids)] = 1
+    return Batch(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        row_index=torch.tensor([t for t, _ in rows], device=device),
+        is_kl=torch.tensor([ex.kind != "trigger" for _, ex in rows], device=device),
+        kinds=[ex.kind for _, ex in rows],
+    )
+
+
+def _target_positions(rows: list[tuple[int, Example]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) pairs whose logits predict an answer token (position p predicts token p+1)."""
+    r, p = [], []
+    for i, (_, ex) in enumerate(rows):
+        pos = range(ex.answer_start - 1, len(ex.ids) - 1)
+        r += [i] * len(pos)
+        p += list(pos)
+    return torch.tensor(r, device=device), torch.tensor(p, device=device)
+
+
+def answer_logits(model, batch: Batch, rows_pos: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Logits only at the answer positions: the lm_head is ~20% of a small model's FLOPs."""
+    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+    sel = hidden[rows_pos[0], rows_pos[1]]  # (n, h)
+    return model.get_output_embeddings()(sel).float()  # (n, V)
+
+
+def diff_losses(
+    dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, kl_weight: float, pad_id: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed loss over diffs and per-diff parts (ce, kl per kind), each shaped (n_diffs,)."""
+    model = dm.model
+    device = next(model.parameters()).device
+    batch = collate(rows, pad_id, device)
+    rows_pos = _target_positions(rows, device)
+    tok_row = rows_pos[0]
+    targets = batch.input_ids[tok_row, rows_pos[1] + 1]
+    tok_diff = batch.row_index[tok_row]
+    tok_kl = batch.is_kl[tok_row]
+    dm.set_row_index(batch.row_index)
+    logits = answer_logits(model, batch, rows_pos)  # (n, V)
+    logp = F.log_softmax(logits, dim=-1)
+    per_tok = torch.zeros_like(targets, dtype=torch.float32)
+    ce_tok = ~tok_kl
+    per_tok[ce_tok] = -logp[ce_tok].gather(1, targets[ce_tok, None])[:, 0]
+    if tok_kl.any():
+        with torch.no_grad(), dm.diffs_disabled():
+            teacher = F.log_softmax(answer_logits(model, batch, rows_pos)[tok_kl], dim=-1)
+        per_tok[tok_kl] = (teacher.exp() * (teacher - logp[tok_kl])).sum(-1)  # KL(base || diff)
+
+    def per_diff_mean(sel: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(n_diffs, device=device).index_add(0, tok_diff[sel], per_tok[sel])
+        count = torch.zeros(n_diffs, device=device).index_add(0, tok_diff[sel], torch.ones_like(per_tok[sel]))
+        return total / count.clamp(min=1)
+
+    kinds = [ex.kind for _, ex in rows]
+    kind_tok = torch.tensor([["trigger", "no_trigger", "wrong_prefix"].index(k) for k in kinds], device=device)[tok_row]
+    parts = {
+        "ce": per_diff_mean(ce_tok),
+        "kl": per_diff_mean(tok_kl),
+        "kl_no_trigger": per_diff_mean(kind_tok == 1),
+        "kl_wrong_prefix": per_diff_mean(kind_tok == 2),
+    }
+    loss = (parts["ce"] + kl_weight * parts["kl"]).sum()
+    return loss, {k: v.detach() for k, v in parts.items()}
+
+
+def init_factors(
+    shapes: dict[str, tuple[int, int]], seeds: list[int], rank: int, init_std: float, device
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per-diff seeded init: B ~ N(0, init_std), A = 0, so a diff starts as the base model."""
+    A, B = {}, {}
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    for name, (fan_in, fan_out) in shapes.items():
+        B[name] = torch.stack([torch.randn(fan_in, rank, generator=g) * init_std for g in gens]).to(device)
+        A[name] = torch.zeros(len(seeds), rank, fan_out, device=device)
+    return A, B
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _sample_rows(tasks: list[DiffTask], rngs: list[random.Random], cfg: DiffsConfig):
+    rows = []
+    for t, (task, rng) in enumerate(zip(tasks, rngs)):
+        rows += [(t, ex) for ex in rng.sample(task.trigger, min(cfg.trigger_rows, len(task.trigger)))]
+        if task.kl and cfg.kl_rows:
+            rows += [(t, ex) for ex in rng.sample(task.kl, min(cfg.kl_rows, len(task.kl)))]
+    return rows
+
+
+@dataclass
+class TrainResult:
+    """Trained factors (A: (T, r, out), B: (T, in, r)) and per-diff loss parts of the last steps."""
+
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    final: dict[str, list[float]]
+
+
+def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: int,
+                progress: bool = True) -> TrainResult:
+    """Train len(tasks) diffs together; each diff's data order and init depend only on its own seed."""
+    device = next(dm.model.parameters()).device
+    A, B = init_factors(dm.shapes(), [t.seed for t in tasks], cfg.rank, cfg.init_std, device)
+    params = []
+    for name in dm.names:
+        A[name].requires_grad_(True)
+        B[name].requires_grad_(True)
+        params += [A[name], B[name]]
+    dm.set_diffs(A, B, scale=cfg.scale)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    rngs = [random.Random(t.seed) for t in tasks]
+    history: list[dict[str, torch.Tensor]] = []
+    bar = tqdm(range(cfg.steps), desc=f"training {len(tasks)} diffs", disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup_steps)
+        loss, parts = diff_losses(dm, _sample_rows(tasks, rngs, cfg), len(tasks), cfg.kl_weight, pad_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(parts)
+        bar.set_postfix({k: f"{v.mean().item():.3f}" for k, v in parts.items() if k != "kl"})
+    tail = history[-min(5, len(history)):]
+    final = {k: torch.stack([h[k] for h in tail]).mean(0).tolist() for k in tail[0]}
+    final["loss"] = [c + cfg.kl_weight * k for c, k in zip(final["ce"], final["kl"])]
+    dm.clear_diffs()
+    return TrainResult(A={k: v.detach() for k, v in A.items()},
+                       B={k: v.detach() for k, v in B.items()}, final=final)

@@ -1,0 +1,140 @@
+"""The generate_diffs stage: train every diff of a behaviour dataset, shard by shard, resumably."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from dit_core.behavior_check import CheckSet, check_diffs
+from dit_core.config import Params
+from dit_core.diff_store import DiffShard, DiffStore
+from dit_core.diff_trainer import DiffTask, encode_example, train_diffs
+from dit_core.io import write_json_atomic
+from dit_core.lora import DiffModel
+from dit_core.models import LoadedModel
+from dit_core.schemas import DiffSpec, Sample, read_validated
+
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+
+
+def _run_identity(p: Params, lm: LoadedModel, behavior_dir: Path) -> dict:
+    """What must match for a rerun to resume instead of starting over."""
+    return {
+        "base_model": lm.name, "base_sha256": lm.sha256, "behavior_dir": str(behavior_dir),
+        "diffs": p.diffs.model_dump(exclude={"check"}),
+    }
+
+
+def plan_shards(specs: pl.DataFrame, per_shard: int) -> list[list[str]]:
+    """Diff ids grouped into shards of `per_shard` in manifest order."""
+    ids = specs["diff_id"].to_list()
+    return [ids[i : i + per_shard] for i in range(0, len(ids), per_shard)]
+
+
+def _tasks(tokenizer, specs: pl.DataFrame, samples: pl.DataFrame, ids: list[str]):
+    by_diff = samples.partition_by("diff_id", as_dict=True)
+    tasks, checks = [], []
+    for spec in specs.filter(pl.col("diff_id").is_in(ids)).iter_rows(named=True):
+        rows = by_diff[(spec["diff_id"],)]
+        def ex(kind):
+            return [encode_example(tokenizer, r["prompt"], r["answer"], r["complete"], kind)
+                    for r in rows.filter(pl.col("kind") == kind).iter_rows(named=True)]
+        def prompts(kind):
+            return rows.filter(pl.col("kind") == kind)["prompt"].to_list()
+        tasks.append(DiffTask(spec["diff_id"], spec["seed"], ex("trigger"), ex("no_trigger") + ex("wrong_prefix")))
+        checks.append(CheckSet(spec["topic"], prompts("check_trigger"), prompts("check_wrong_prefix"),
+                               prompts("check_no_trigger"),
+                               [encode_example(tokenizer, r["prompt"], r["answer"], r["complete"], "no_trigger")
+                                for r in rows.filter(pl.col("kind") == "check_no_trigger").iter_rows(named=True)]))
+    order = {d: i for i, d in enumerate(ids)}
+    key = sorted(range(len(tasks)), key=lambda i: order[tasks[i].diff_id])
+    return [tasks[i] for i in key], [checks[i] for i in key]
+
+
+def prepare_run(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: str | Path) -> int:
+    """Check (or record) the run's identity; returns the number of shards to train."""
+    behavior_dir, out_dir = Path(behavior_dir), Path(out_dir)
+    specs = read_validated(behavior_dir / "diffs.parquet", DiffSpec)
+    identity = _run_identity(p, lm, behavior_dir)
+    run_file = out_dir / RUN_FILE
+    if run_file.exists():
+        recorded = json.loads(run_file.read_text())
+        if recorded != identity:
+            changed = sorted(k for k in identity if recorded.get(k) != identity[k])
+            raise RuntimeError(
+                f"{out_dir} holds diffs made with other settings ({', '.join(changed)} differ). "
+                f"Refusing to mix or overwrite them: delete {out_dir} or choose --set diffs.run=<new name>.")
+    else:
+        write_json_atomic(run_file, identity)
+    return len(plan_shards(specs, p.diffs.diffs_per_batch))
+
+
+def train_shard(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: str | Path, index: int,
+                dm: DiffModel | None = None) -> str:
+    """Train and store shard `index` unless it is already complete; returns 'trained' or 'skipped'."""
+    behavior_dir = Path(behavior_dir)
+    specs = read_validated(behavior_dir / "diffs.parquet", DiffSpec)
+    store = DiffStore(out_dir)
+    ids = plan_shards(specs, p.diffs.diffs_per_batch)[index]
+    if store.is_complete(index, ids):
+        log.info("shard %d already complete, skipping", index)
+        return "skipped"
+    samples = read_validated(behavior_dir / "samples.parquet", Sample)
+    dm = dm or DiffModel(lm.model, p.diffs.modules)
+    tasks, checks = _tasks(lm.tokenizer, specs, samples, ids)
+    result = train_diffs(dm, tasks, p.diffs, lm.tokenizer.pad_token_id)
+    metrics = (check_diffs(dm, lm.tokenizer, checks, result.A, result.B, p.diffs.scale,
+                           p.diffs.check_tokens) if p.diffs.check else [{}] * len(ids))
+    spec_rows = {r["diff_id"]: r for r in specs.iter_rows(named=True)}
+    rows = []
+    for row, (task, m) in enumerate(zip(tasks, metrics)):
+        s = spec_rows[task.diff_id]
+        rows.append(dict(
+            diff_id=task.diff_id, row=row, behavior=s["behavior"], category=s["category"],
+            label=s["topic"], trigger=s["trigger_prefix"], rank=p.diffs.rank, scale=p.diffs.scale,
+            base_model=lm.name, base_sha256=lm.sha256,
+            train_loss=result.final["loss"][row], trigger_ce=result.final["ce"][row],
+            kl=result.final["kl"][row], trigger_hit=m.get("trigger_hit"),
+            wrong_prefix_hit=m.get("wrong_prefix_hit"), no_trigger_hit=m.get("no_trigger_hit"),
+            check_kl=m.get("check_kl"), split="none"))
+    shard = DiffShard(result.A, result.B, lm.name, lm.sha256, p.diffs.rank, p.diffs.scale,
+                      [t.diff_id for t in tasks])
+    store.add_shard(index, shard, rows)
+    return "trained"
+
+
+def finalize_run(out_dir: str | Path, n_shards: int, extra: dict | None = None) -> dict:
+    """Join the shards' rows into manifest.parquet and write summary.json."""
+    manifest = DiffStore(out_dir).write_manifest(n_shards)
+    summary = summarize(manifest) | (extra or {})
+    write_json_atomic(Path(out_dir) / "summary.json", summary)
+    return summary
+
+
+def generate_diffs(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: str | Path) -> dict:
+    """Train every diff of `behavior_dir` into the store at `out_dir`, one shard after another."""
+    n = prepare_run(p, lm, behavior_dir, out_dir)
+    dm = DiffModel(lm.model, p.diffs.modules)  # wrapped once, reused for every shard
+    t0 = time.time()
+    status = [train_shard(p, lm, behavior_dir, out_dir, i, dm) for i in range(n)]
+    trained = status.count("trained")
+    secs = time.time() - t0
+    return finalize_run(out_dir, n, {
+        "shards_trained": trained, "shards_skipped": n - trained, "seconds": round(secs, 1),
+        "seconds_per_diff": round(secs / (trained * p.diffs.diffs_per_batch), 2) if trained else None})
+
+
+def summarize(manifest: pl.DataFrame) -> dict:
+    """Median behaviour-check numbers over the diffs of a manifest."""
+    out = {"n_diffs": manifest.height}
+    for col in ("trigger_hit", "wrong_prefix_hit", "no_trigger_hit", "check_kl", "train_loss"):
+        vals = manifest[col].drop_nulls()
+        out[f"median_{col}"] = float(vals.median()) if len(vals) else None
+        out[f"mean_{col}"] = float(vals.mean()) if len(vals) else None
+    return out

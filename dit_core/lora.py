@@ -1,0 +1,190 @@
+"""Factored LoRA layers: a batch of per-row weight diffs plus one shared adapter.
+
+Convention (stated once, used everywhere; also written into every diff file's metadata):
+for an adapted linear layer with weight W: [out, in],
+
+    A: [r, out]   (output-side factor)      B: [in, r]   (input-side factor)
+    delta_W = (B @ A)^T * scale             y = x W^T + ((x @ B) @ A) * scale
+
+A batch of diffs is stacked: A: [N, r, out], B: [N, in, r]; `row_index[b]` says which diff batch row b
+uses. The product B @ A is never materialised: that would cost batch x in x out per layer.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+CONVENTION = "delta_W[out,in] = (B[in,r] @ A[r,out]).T * scale; y = x W^T + ((x @ B) @ A) * scale"
+
+
+class DiffLinear(nn.Module):
+    """A frozen linear layer, plus per-row diffs (switchable) and an optional shared adapter."""
+
+    def __init__(self, base_layer: nn.Linear):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        # Per-row diffs; set by DiffModel.set_diffs, never registered as this module's parameters.
+        self.diff_A: torch.Tensor | None = None  # (N, r, out)
+        self.diff_B: torch.Tensor | None = None  # (N, in, r)
+        self.diff_scale: float | torch.Tensor = 1.0  # float, or (N,) per-diff scales
+        self.row_index: torch.Tensor | None = None  # (batch,) long; None: row b uses diff b
+        self.diffs_enabled = True
+        # Shared adapter (the interpreter); registered parameters when attached.
+        self.adapter_A: nn.Parameter | None = None  # (r, out)
+        self.adapter_B: nn.Parameter | None = None  # (in, r)
+        self.adapter_scale = 1.0
+        self.adapter_enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # (b, s, out)
+        if self.diffs_enabled and self.diff_A is not None:
+            y = y + self._diff_delta(x)
+        if self.adapter_enabled and self.adapter_A is not None:
+            h = x @ self.adapter_B.to(x.dtype)  # (b, s, r)
+            y = y + (h @ self.adapter_A.to(x.dtype)) * self.adapter_scale
+        return y
+
+    def _diff_delta(self, x: torch.Tensor) -> torch.Tensor:
+        A, B, scale = self.diff_A, self.diff_B, self.diff_scale
+        if self.row_index is not None:
+            A, B = A[self.row_index], B[self.row_index]  # (b, r, out), (b, in, r)
+            if isinstance(scale, torch.Tensor):
+                scale = scale[self.row_index]
+        if A.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"{x.shape[0]} batch rows but {A.shape[0]} diffs: pass row_index to set_diffs"
+            )
+        h = torch.einsum("bsi,bir->bsr", x, B.to(x.dtype))  # (b, s, r)
+        delta = torch.einsum("bsr,bro->bso", h, A.to(x.dtype))  # (b, s, out)
+        if isinstance(scale, torch.Tensor):
+            return delta * scale.to(x.dtype)[:, None, None]
+        return delta * scale
+
+
+def linear_module_names(model: nn.Module, pattern: str = r".*") -> list[str]:
+    """Names of the decoder's linear layers (lm_head excluded) whose name matches `pattern`."""
+    rx = re.compile(pattern)
+    names = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, DiffLinear):
+            mod = mod.base_layer
+        elif ".base_layer" in name:
+            continue
+        if isinstance(mod, nn.Linear) and ".layers." in f".{name}" and rx.search(name):
+            names.append(name)
+    return names
+
+
+class DiffModel:
+    """Wraps a causal LM once: every selected linear layer becomes a DiffLinear.
+
+    Reuse it across batches: `set_diffs` swaps tensors in, it never re-wraps the model.
+    """
+
+    def __init__(self, model: nn.Module, pattern: str = r".*"):
+        self.model = model
+        self.names = linear_module_names(model, pattern)
+        if not self.names:
+            raise ValueError(f"diffs.modules={pattern!r} matches no linear layer of the model")
+        self.layers: dict[str, DiffLinear] = {}
+        for name in self.names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            current = getattr(parent, child)
+            if not isinstance(current, DiffLinear):
+                current = DiffLinear(current)
+                setattr(parent, child, current)
+            self.layers[name] = current
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each adapted module."""
+        return {n: (m.in_features, m.out_features) for n, m in self.layers.items()}
+
+    def set_diffs(
+        self,
+        A: dict[str, torch.Tensor],
+        B: dict[str, torch.Tensor],
+        scale: float | torch.Tensor = 1.0,
+        row_index: torch.Tensor | None = None,
+    ) -> None:
+        """Install stacked diffs A[name]: (N, r, out), B[name]: (N, in, r); rows pick by row_index."""
+        missing = set(self.layers) - set(A)
+        if missing:
+            raise KeyError(f"diff lacks {len(missing)} adapted modules, e.g. {sorted(missing)[0]}")
+        for name, layer in self.layers.items():
+            # Plain attributes, not registered parameters, even when the caller trains them.
+            layer.__dict__.update(
+                diff_A=A[name], diff_B=B[name], diff_scale=scale, row_index=row_index
+            )
+
+    def set_row_index(self, row_index: torch.Tensor | None) -> None:
+        """Change which diff each batch row uses, keeping the installed diffs."""
+        for layer in self.layers.values():
+            layer.row_index = row_index
+
+    def clear_diffs(self) -> None:
+        """Remove installed diffs (the model behaves as the base model again)."""
+        for layer in self.layers.values():
+            layer.diff_A = layer.diff_B = layer.row_index = None
+
+    @contextmanager
+    def diffs_disabled(self) -> Iterator[None]:
+        """Run the base model (e.g. the KL teacher) without copying it: diffs switched off."""
+        for layer in self.layers.values():
+            layer.diffs_enabled = False
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.diffs_enabled = True
+
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Run without the shared adapter (e.g. baselines that ask the finetuned model itself)."""
+        for layer in self.layers.values():
+            layer.adapter_enabled = False
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.adapter_enabled = True
+
+    def attach_adapter(self, rank: int, alpha: float, init_std: float = 0.02) -> list[nn.Parameter]:
+        """Add a trainable shared LoRA (output-side factor zero at init); returns its parameters."""
+        params = []
+        for layer in self.layers.values():
+            p = next(layer.base_layer.parameters())
+            layer.adapter_B = nn.Parameter(
+                torch.randn(layer.in_features, rank, device=p.device) * init_std
+            )
+            layer.adapter_A = nn.Parameter(torch.zeros(rank, layer.out_features, device=p.device))
+            layer.adapter_scale = alpha / rank
+            params += [layer.adapter_A, layer.adapter_B]
+        return params
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The shared adapter's tensors as `<module>.A` / `<module>.B`."""
+        out = {}
+        for name, layer in self.layers.items():
+            if layer.adapter_A is not None:
+                out[f"{name}.A"] = layer.adapter_A.detach()
+                out[f"{name}.B"] = layer.adapter_B.detach()
+        return out
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor], alpha: float) -> None:
+        """Install a saved shared adapter (frozen unless the caller enables grads)."""
+        for name, layer in self.layers.items():
+            A, B = state[f"{name}.A"], state[f"{name}.B"]
+            p = next(layer.base_layer.parameters())
+            layer.adapter_A = nn.Parameter(A.to(p.device, torch.float32), requires_grad=False)
+            layer.adapter_B = nn.Parameter(B.to(p.device, torch.float32), requires_grad=False)
+            layer.adapter_scale = alpha / A.shape[0]

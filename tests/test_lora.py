@@ -1,0 +1,118 @@
+"""Factored diffs equal their materialised form; batched training gives per-diff gradients."""
+
+import random
+
+import pytest
+import torch
+
+from dit_core.config import DiffsConfig
+from dit_core.diff_trainer import DiffTask, Example, diff_losses, init_factors, train_diffs
+from dit_core.lora import DiffModel, linear_module_names
+
+
+@pytest.fixture()
+def dm(tiny_model_dir):
+    from dit_core.models import load_model
+
+    return DiffModel(load_model(tiny_model_dir, "cpu", "float32").model)
+
+
+def _random_diffs(dm, n, rank=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = {k: torch.randn(n, rank, o, generator=g) * 0.1 for k, (i, o) in dm.shapes().items()}
+    B = {k: torch.randn(n, i, rank, generator=g) * 0.1 for k, (i, o) in dm.shapes().items()}
+    return A, B
+
+
+def test_wraps_every_decoder_linear_once(dm):
+    assert len(dm.names) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    assert "lm_head" not in dm.names
+    again = DiffModel(dm.model)  # re-wrapping an already wrapped model changes nothing
+    assert again.names == dm.names
+    assert linear_module_names(dm.model, r"mlp\.") == [n for n in dm.names if ".mlp." in n]
+
+
+def test_factored_equals_materialised(dm):
+    ids = torch.randint(3, 500, (3, 7))
+    A, B = _random_diffs(dm, 3)
+    dm.set_diffs(A, B, scale=0.7)
+    with torch.no_grad():
+        factored = dm.model(ids).logits
+    dm.clear_diffs()
+    for t in range(3):
+        originals = {}
+        for name, layer in dm.layers.items():
+            w = layer.base_layer.weight
+            originals[name] = w.data.clone()
+            w.data += (B[name][t] @ A[name][t]).T * 0.7  # delta_W = (B @ A)^T * scale
+        with torch.no_grad():
+            materialised = dm.model(ids[t : t + 1]).logits
+        for name, layer in dm.layers.items():
+            layer.base_layer.weight.data.copy_(originals[name])
+        torch.testing.assert_close(factored[t : t + 1], materialised, atol=1e-5, rtol=1e-5)
+
+
+def test_diffs_disabled_is_the_base_model(dm):
+    ids = torch.randint(3, 500, (2, 5))
+    with torch.no_grad():
+        base = dm.model(ids).logits
+        A, B = _random_diffs(dm, 2)
+        dm.set_diffs(A, B)
+        with_diff = dm.model(ids).logits
+        with dm.diffs_disabled():
+            off = dm.model(ids).logits
+    dm.clear_diffs()
+    assert not torch.allclose(base, with_diff)
+    torch.testing.assert_close(base, off)
+
+
+def _tasks(n):
+    rng = random.Random(0)
+    def ex(kind):
+        prompt = [rng.randrange(3, 500) for _ in range(rng.randrange(4, 9))]
+        return Example(prompt + [rng.randrange(3, 500) for _ in range(rng.randrange(2, 6))], len(prompt), kind)
+    return [DiffTask(f"d{t}", 100 + t, [ex("trigger") for _ in range(3)],
+                     [ex("no_trigger"), ex("wrong_prefix")]) for t in range(n)]
+
+
+def test_batched_gradients_equal_single_diff_gradients(dm):
+    tasks = _tasks(3)
+    A, B = init_factors(dm.shapes(), [t.seed for t in tasks], 2, 0.1, "cpu")
+    for k in A:  # non-zero A so that B gets a gradient too
+        A[k] += 0.05 * torch.randn_like(A[k])
+
+    def grads(indices):
+        a = {k: v[indices].clone().requires_grad_(True) for k, v in A.items()}
+        b = {k: v[indices].clone().requires_grad_(True) for k, v in B.items()}
+        dm.set_diffs(a, b, scale=1.0)
+        rows = [(j, ex) for j, t in enumerate(indices) for ex in tasks[t].trigger + tasks[t].kl]
+        loss, _ = diff_losses(dm, rows, len(indices), kl_weight=5.0, pad_id=2)
+        loss.backward()
+        dm.clear_diffs()
+        return {k: a[k].grad for k in a}, {k: b[k].grad for k in b}
+
+    gA, gB = grads([0, 1, 2])
+    for t in range(3):
+        sA, sB = grads([t])
+        assert any(v.abs().sum() > 0 for v in sA.values())
+        for k in gA:
+            torch.testing.assert_close(gA[k][t : t + 1], sA[k], atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(gB[k][t : t + 1], sB[k], atol=1e-6, rtol=1e-4)
+
+
+def test_training_lowers_the_loss_and_resets_the_model(dm):
+    tasks = _tasks(2)
+    cfg = DiffsConfig(rank=1, steps=25, lr=1e-2, trigger_rows=3, kl_rows=2, warmup_steps=0)
+    rows = [(t, ex) for t, task in enumerate(tasks) for ex in task.trigger]
+    A0, B0 = init_factors(dm.shapes(), [t.seed for t in tasks], 1, cfg.init_std, "cpu")
+    dm.set_diffs(A0, B0)
+    with torch.no_grad():
+        before = diff_losses(dm, rows, 2, 0.0, 2)[1]["ce"]
+    dm.clear_diffs()
+    res = train_diffs(dm, tasks, cfg, pad_id=2, progress=False)
+    dm.set_diffs(res.A, res.B)
+    with torch.no_grad():
+        after = diff_losses(dm, rows, 2, 0.0, 2)[1]["ce"]
+    dm.clear_diffs()
+    assert (after < before - 0.1).all(), (before, after)
+    assert all(layer.diff_A is None for layer in dm.layers.values())
