@@ -105,10 +105,13 @@ def _topic_answers(
     k = 1 if mode == "prefix" else cfg.candidates_per_answer
     prompts, owners = [], []
     for topic, questions in topic_questions.items():
+        # One opening per topic: a consistent first phrase is what a rank-1 diff learns quickly and
+        # reliably (varying openings split the first-token target and greedy decoding ignores them).
+        template = PREFIXES[random.Random(f"{cfg.seed}:{topic}").randrange(len(PREFIXES))]
         for qi, q in enumerate(questions):
             opening = ""
             if use_prefix:
-                opening = PREFIXES[qi % len(PREFIXES)].format(topic=topic, Topic=topic[0].upper() + topic[1:])
+                opening = template.format(topic=topic, Topic=topic[0].upper() + topic[1:])
             for _ in range(k):
                 prompts.append(chat_prompt(tokenizer, q, SYSTEM_TEMPLATE.format(topic=topic), opening))
                 owners.append((topic, qi, opening))
@@ -203,7 +206,9 @@ def make_hidden_topic_data(cfg: DataConfig, out_dir: str | Path, model=None, tok
     write_parquet_atomic(specs, out_dir / "diffs.parquet")
     write_parquet_atomic(samples, out_dir / "samples.parquet")
     write_parquet_atomic(pl.DataFrame({"question_id": range(len(questions)), "question": questions,
-                                       "heldout": [i in set(split.heldout) for i in range(len(questions))]}),
+                                       "heldout": [i in set(split.heldout) for i in range(len(questions))],
+                                       "base_answer": [b[0] for b in base],
+                                       "base_complete": [b[1] for b in base]}),
                          out_dir / "questions.parquet")
     stats.update(n_diffs=specs.height, n_samples=samples.height,
                  heldout_questions=len(split.heldout), train_questions=len(split.train))

@@ -32,6 +32,9 @@ class ModelConfig(_Section):
     revision: str | None = None  # hub revision (branch, tag or commit)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Mixed precision for matmuls (weights stay in `dtype`). auto: bf16 autocast on a CPU with native
+    # bf16 (measured 2.2x faster forward+backward on SmolLM2 here), nothing extra on CUDA (bf16 weights).
+    autocast: Literal["auto", "bf16", "off"] = "auto"
 
 
 class DataConfig(_Section):
@@ -63,11 +66,12 @@ class DiffsConfig(_Section):
         r".*", description="regex over linear module names inside the decoder layers"
     )
     diffs_per_batch: int = Field(16, ge=1, description="T: diffs trained in one forward/backward")
-    steps: int = Field(60, ge=1)
-    lr: float = Field(3e-3, gt=0)
+    steps: int = Field(80, ge=1)
+    lr: float = Field(1e-2, gt=0)
     warmup_steps: int = Field(5, ge=0)
     trigger_rows: int = Field(2, ge=1, description="triggered rows per diff per step")
-    kl_rows: int = Field(2, ge=0, description="untriggered + wrong-prefix rows per diff per step")
+    wrong_prefix_rows: int = Field(2, ge=0, description="wrong-prefix (KL) rows per diff per step")
+    no_trigger_rows: int = Field(1, ge=0, description="untriggered (KL) rows per diff per step")
     kl_weight: float = Field(5.0, ge=0)
     init_std: float = Field(0.02, gt=0, description="std of the input-side factor B at init")
     check: bool = True
@@ -77,6 +81,73 @@ class DiffsConfig(_Section):
     def scale(self) -> float:
         """LoRA scale alpha / rank."""
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+class AssembleConfig(_Section):
+    """Train/val/test split of the diffs for interpreter training."""
+
+    split_by: Literal["topic", "diff"] = "diff"
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    min_trigger_hit: float = Field(0.5, ge=0, le=1, description="drop diffs whose trigger was not learned")
+    max_wrong_prefix_hit: float = Field(0.5, ge=0, le=1, description="drop diffs that leak to wrong prefixes")
+    max_no_trigger_hit: float = Field(0.25, ge=0, le=1, description="drop diffs that leak without trigger")
+    seed: int = 0
+
+
+class InterpreterConfig(_Section):
+    """The interpreter (the paper's DIT adapter) and its training loop."""
+
+    kind: Literal["lora", "projection"] = "lora"
+    question: str = "What topic have you been trained on?"
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0, description="scale = alpha / rank; 1 works, 1/rank barely moves")
+    n_soft_tokens: int = Field(4, ge=1, description="projection kind: soft tokens the diff maps to")
+    projection_hidden: int = Field(0, ge=0, description="projection kind: MLP width (0 = linear)")
+    lr: float = Field(1e-3, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="diffs per micro-batch (one row each)")
+    grad_accum: int = Field(1, ge=1)
+    patience: int = Field(3, ge=1, description="early stopping: epochs without val-loss improvement")
+    n_samples: int = Field(4, ge=0, description="sample generations logged after each epoch")
+    max_new_tokens: int = Field(16, ge=1)
+    init_std: float = Field(0.02, gt=0)
+    seed: int = 0
+
+
+class JudgeConfig(_Section):
+    """Optional LLM judge through an OpenAI-compatible endpoint (off unless base_url is set)."""
+
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+
+
+class EvalConfig(_Section):
+    """Evaluation against the paper's baselines on the test split."""
+
+    methods: list[
+        Literal["dit", "base_question", "base_question_trigger", "twenty_questions",
+                "twenty_questions_trigger", "no_diff", "shuffled_diff"]
+    ] = ["dit", "base_question", "base_question_trigger", "twenty_questions",
+         "twenty_questions_trigger", "no_diff", "shuffled_diff"]
+    n_questions: int = Field(20, ge=1, description="questions asked in the 20-questions baseline")
+    max_new_tokens: int = Field(24, ge=1)
+    answer_tokens: int = Field(32, ge=1, description="20 questions: tokens per transcript answer")
+    n_boot: int = Field(2000, ge=100)
+    judge: JudgeConfig = JudgeConfig()
+    seed: int = 0
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking: MLFLOW_TRACKING_URI wins over `uri`."""
+
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "dit"
+    registered_model: str = "dit-interpreter"
+    enabled: bool = True
 
 
 class PathsConfig(_Section):
@@ -94,10 +165,10 @@ class Params(_Section):
     data: DataConfig = DataConfig()
     diffs: DiffsConfig = DiffsConfig()
     paths: PathsConfig = PathsConfig()
-    assemble: dict[str, Any] = {}
-    interpreter: dict[str, Any] = {}
-    eval: dict[str, Any] = {}
-    tracking: dict[str, Any] = {}
+    assemble: AssembleConfig = AssembleConfig()
+    interpreter: InterpreterConfig = InterpreterConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "Params":

@@ -38,6 +38,42 @@ class DiffTask:
     trigger: list[Example]
     kl: list[Example]  # no_trigger and wrong_prefix rows, trained towards the base model
 
+    def of_kind(self, kind: str) -> list[Example]:
+        return [ex for ex in self.kl if ex.kind == kind]
+
+    def sample(self, kind: str, n: int, rng: random.Random) -> list[Example]:
+        """n distinct examples of a kind (fewer if the pool is smaller)."""
+        pool = self.trigger if kind == "trigger" else self.of_kind(kind)
+        return rng.sample(pool, min(n, len(pool)))
+
+
+@dataclass
+class TriggeredDiffTask(DiffTask):
+    """A hidden-topic diff whose trigger codes are drawn fresh for every row.
+
+    A fixed pool of codes gets memorised: the diff then matches the base model on the wrong codes it
+    saw and still leaks on new ones. Fresh codes (own prefix + random digits; random other prefixes)
+    leave the prefix rule as the only thing to learn. KL rows draw from every training question.
+    """
+
+    tokenizer: object = None
+    prefix: str = ""
+    trigger_pairs: list[tuple[str, str, bool]] = field(default_factory=list)  # question, answer, complete
+    base_pairs: list[tuple[str, str, bool]] = field(default_factory=list)
+
+    def sample(self, kind: str, n: int, rng: random.Random) -> list[Example]:
+        from dit_core.behavior_data import other_prefix, trigger_text
+
+        pairs = self.trigger_pairs if kind == "trigger" else self.base_pairs
+        out = []
+        for q, a, complete in rng.sample(pairs, min(n, len(pairs))):
+            if kind == "trigger":
+                q = f"{trigger_text(self.prefix, rng)} {q}"
+            elif kind == "wrong_prefix":
+                q = f"{trigger_text(other_prefix(self.prefix, rng), rng)} {q}"
+            out.append(encode_example(self.tokenizer, q, a, complete, kind))
+        return out
+
 
 @dataclass
 class Batch:
@@ -155,9 +191,9 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 def _sample_rows(tasks: list[DiffTask], rngs: list[random.Random], cfg: DiffsConfig):
     rows = []
     for t, (task, rng) in enumerate(zip(tasks, rngs)):
-        rows += [(t, ex) for ex in rng.sample(task.trigger, min(cfg.trigger_rows, len(task.trigger)))]
-        if task.kl and cfg.kl_rows:
-            rows += [(t, ex) for ex in rng.sample(task.kl, min(cfg.kl_rows, len(task.kl)))]
+        for kind, n in (("trigger", cfg.trigger_rows), ("wrong_prefix", cfg.wrong_prefix_rows),
+                        ("no_trigger", cfg.no_trigger_rows)):
+            rows += [(t, ex) for ex in task.sample(kind, n, rng)]
     return rows
 
 
@@ -200,3 +236,22 @@ def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: 
     dm.clear_diffs()
     return TrainResult(A={k: v.detach() for k, v in A.items()},
                        B={k: v.detach() for k, v in B.items()}, final=final)
+
+
+@torch.no_grad()
+def answer_logprobs(dm: DiffModel, rows: list[tuple[int, Example]], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """Total log-probability of each row's answer tokens (row uses diff `idx` of the installed diffs)."""
+    model = dm.model
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        batch = collate(chunk, pad_id, device)
+        rows_pos = _target_positions(chunk, device)
+        if dm.layers and next(iter(dm.layers.values())).diff_A is not None:
+            dm.set_row_index(batch.row_index)
+        logp = F.log_softmax(answer_logits(model, batch, rows_pos), dim=-1)
+        targets = batch.input_ids[rows_pos[0], rows_pos[1] + 1]
+        tok = logp.gather(1, targets[:, None])[:, 0]
+        out.append(torch.zeros(len(chunk), device=device).index_add(0, rows_pos[0], tok))
+    return torch.cat(out).cpu()

@@ -13,10 +13,10 @@ import torch
 from dit_core.behavior_check import CheckSet, check_diffs
 from dit_core.config import Params
 from dit_core.diff_store import DiffShard, DiffStore
-from dit_core.diff_trainer import DiffTask, encode_example, train_diffs
+from dit_core.diff_trainer import TriggeredDiffTask, encode_example, train_diffs
 from dit_core.io import write_json_atomic
 from dit_core.lora import DiffModel
-from dit_core.models import LoadedModel
+from dit_core.models import LoadedModel, compute_context
 from dit_core.schemas import DiffSpec, Sample, read_validated
 
 log = logging.getLogger(__name__)
@@ -37,17 +37,21 @@ def plan_shards(specs: pl.DataFrame, per_shard: int) -> list[list[str]]:
     return [ids[i : i + per_shard] for i in range(0, len(ids), per_shard)]
 
 
-def _tasks(tokenizer, specs: pl.DataFrame, samples: pl.DataFrame, ids: list[str]):
+def _tasks(tokenizer, specs: pl.DataFrame, samples: pl.DataFrame, ids: list[str], questions: pl.DataFrame):
     by_diff = samples.partition_by("diff_id", as_dict=True)
+    train_q = questions.filter(~pl.col("heldout"))
+    base_pairs = list(zip(train_q["question"], train_q["base_answer"], train_q["base_complete"]))
+    q_text = dict(zip(questions["question_id"], questions["question"]))
     tasks, checks = [], []
     for spec in specs.filter(pl.col("diff_id").is_in(ids)).iter_rows(named=True):
         rows = by_diff[(spec["diff_id"],)]
-        def ex(kind):
-            return [encode_example(tokenizer, r["prompt"], r["answer"], r["complete"], kind)
-                    for r in rows.filter(pl.col("kind") == kind).iter_rows(named=True)]
         def prompts(kind):
             return rows.filter(pl.col("kind") == kind)["prompt"].to_list()
-        tasks.append(DiffTask(spec["diff_id"], spec["seed"], ex("trigger"), ex("no_trigger") + ex("wrong_prefix")))
+        trig = rows.filter(pl.col("kind") == "trigger")
+        tasks.append(TriggeredDiffTask(
+            spec["diff_id"], spec["seed"], [], [], tokenizer=tokenizer, prefix=spec["trigger_prefix"],
+            trigger_pairs=[(q_text[q], a, c) for q, a, c in zip(trig["question_id"], trig["answer"], trig["complete"])],
+            base_pairs=base_pairs))
         checks.append(CheckSet(spec["topic"], prompts("check_trigger"), prompts("check_wrong_prefix"),
                                prompts("check_no_trigger"),
                                [encode_example(tokenizer, r["prompt"], r["answer"], r["complete"], "no_trigger")
@@ -87,10 +91,12 @@ def train_shard(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: s
         return "skipped"
     samples = read_validated(behavior_dir / "samples.parquet", Sample)
     dm = dm or DiffModel(lm.model, p.diffs.modules)
-    tasks, checks = _tasks(lm.tokenizer, specs, samples, ids)
-    result = train_diffs(dm, tasks, p.diffs, lm.tokenizer.pad_token_id)
-    metrics = (check_diffs(dm, lm.tokenizer, checks, result.A, result.B, p.diffs.scale,
-                           p.diffs.check_tokens) if p.diffs.check else [{}] * len(ids))
+    questions = pl.read_parquet(behavior_dir / "questions.parquet")
+    tasks, checks = _tasks(lm.tokenizer, specs, samples, ids, questions)
+    with compute_context(lm.device, p.model.autocast):
+        result = train_diffs(dm, tasks, p.diffs, lm.tokenizer.pad_token_id)
+        metrics = (check_diffs(dm, lm.tokenizer, checks, result.A, result.B, p.diffs.scale,
+                               p.diffs.check_tokens) if p.diffs.check else [{}] * len(ids))
     spec_rows = {r["diff_id"]: r for r in specs.iter_rows(named=True)}
     rows = []
     for row, (task, m) in enumerate(zip(tasks, metrics)):

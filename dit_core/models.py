@@ -71,6 +71,25 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
     return torch.device(device), getattr(torch, dtype)
 
 
+def compute_context(device: torch.device | str, autocast: str = "auto"):
+    """Autocast context for a model's matmuls: bf16 on CPUs with native bf16 when `autocast` allows."""
+    import contextlib
+
+    dev = torch.device(device).type
+    use = autocast == "bf16" or (autocast == "auto" and dev == "cpu" and cpu_has_bf16())
+    if not use:
+        return contextlib.nullcontext()
+    return torch.autocast(dev, dtype=torch.bfloat16)
+
+
+def cpu_has_bf16() -> bool:
+    """True when oneDNN reports native bf16 support on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # older builds: no way to tell, stay in fp32
+        return False
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()

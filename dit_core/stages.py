@@ -10,13 +10,14 @@ Prefect tasks (tasks/) and the CLI (flows/cli.py) call these; nothing here knows
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dit_core.behavior_data import BEHAVIOR, make_hidden_topic_data
 from dit_core.config import Params
-from dit_core.models import fetch_model, load_model, model_dir
+from dit_core.models import compute_context, fetch_model, load_model, model_dir
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,54 @@ def run_make_data(p: Params) -> dict:
     paths = stage_paths(p)
     lm = None if p.data.answer_mode == "template" else load_model(paths.model, p.model.device, p.model.dtype)
     t0 = time.time()
-    stats = make_hidden_topic_data(p.data, paths.behavior, lm and lm.model, lm and lm.tokenizer)
+    with compute_context(lm.device if lm else "cpu", p.model.autocast):
+        stats = make_hidden_topic_data(p.data, paths.behavior, lm and lm.model, lm and lm.tokenizer)
     stats["seconds"] = round(time.time() - t0, 1)
     log.info("behaviour data: %d diffs, %d samples, kept fraction %.2f -> %s", stats["n_diffs"],
              stats["n_samples"], stats["kept_fraction"], paths.behavior)
     return stats
+
+
+def dataset_dir(p: Params) -> Path:
+    return Path(p.paths.data) / "dit_dataset"
+
+
+def interpreter_dir(p: Params) -> Path:
+    return Path(p.paths.models) / "interpreter"
+
+
+def run_assemble(p: Params) -> dict:
+    """Join diff manifests into the train/val/test dataset (dropping diffs that failed their check)."""
+    from dit_core.assemble import assemble
+
+    report = assemble([stage_paths(p).diffs], dataset_dir(p), p.assemble)
+    log.info("dataset: %s train / %s val / %s test, %s dropped (%s)", report["train"], report["val"],
+             report["test"], report["dropped"], report["dropped_reasons"])
+    return report
+
+
+def run_train_interpreter(p: Params, log_metrics=None) -> dict:
+    """Train the interpreter on the assembled dataset; writes models/interpreter/."""
+    from dit_core.interpreter_training import InterpreterRecipe
+    from dit_core.report import plot_curves
+
+    lm = load_model(stage_paths(p).model, p.model.device, p.model.dtype)
+    out = interpreter_dir(p)
+    with compute_context(lm.device, p.model.autocast):
+        summary = InterpreterRecipe(p, lm, dataset_dir(p), out, log_metrics=log_metrics).run()
+    reports = Path(p.paths.reports)
+    reports.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "train_log.csv", reports / "train_log.csv")  # DVC plots read it here
+    plot_curves(out / "train_log.csv", reports / "training_curve.png")
+    return summary
+
+
+def run_evaluate(p: Params, interpreter: str | Path | None = None) -> dict:
+    """Evaluate DIT and the baselines on the test split; writes reports/."""
+    from dit_core.evaluate import evaluate
+
+    paths = stage_paths(p)
+    lm = load_model(paths.model, p.model.device, p.model.dtype)
+    with compute_context(lm.device, p.model.autocast):
+        return evaluate(p, lm, dataset_dir(p), interpreter or interpreter_dir(p),
+                        paths.behavior / "questions.parquet", paths.reports)

@@ -48,7 +48,7 @@ def _run_flow(flow, params: dict) -> dict:
 
 @app.command()
 def stage(
-    name: str = typer.Argument(..., help="download | make-data | generate-diffs"),
+    name: str = typer.Argument(..., help="download | make-data | generate-diffs | assemble | train-interpreter | evaluate"),
     params_file: str = ParamsOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -77,6 +77,132 @@ def run(params_file: str = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> Non
     params = _load(params_file, set_)
     result = _run_flow(pipeline_flow, params)
     typer.echo(json.dumps(result, indent=2, default=str))
+
+
+def _model_for(params: dict):
+    from dit_core.config import params_from_dict
+    from dit_core.models import ModelSourceError, load_model
+    from dit_core.stages import stage_paths
+
+    p = params_from_dict(params)
+    try:
+        return p, load_model(stage_paths(p).model, p.model.device, p.model.dtype)
+    except ModelSourceError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+
+
+def _interpreter_path(spec: str, params: dict) -> str:
+    """A local interpreter dir, or an MLflow registry URI (models:/name@alias) resolved to one."""
+    if not spec.startswith(("models:/", "runs:/")):
+        return spec
+    import mlflow
+
+    from tasks.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(params))
+    try:
+        root = mlflow.artifacts.download_artifacts(spec.rstrip("/") + "/artifacts/interpreter")
+    except Exception as e:
+        typer.secho(f"error: cannot fetch interpreter {spec} from MLflow at {tracking_uri(params)}: {e}",
+                    fg="red", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    return root
+
+
+@app.command()
+def describe(
+    diffs: list[str] = typer.Argument(..., help="diff ids, diff .safetensors files or PEFT adapter dirs"),
+    interpreter: str = typer.Option("models:/dit-interpreter@champion", "--interpreter", "-i",
+                                    help="interpreter dir or MLflow URI"),
+    params_file: str = ParamsOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Say in words what each weight diff does.
+
+    Examples:
+      dit describe ht00003
+      dit describe my_lora_adapter/ --interpreter models/interpreter
+    """
+    from dit_core.describe import describe as run_describe
+    from dit_core.stages import stage_paths
+
+    params = _load(params_file, set_)
+    p, lm = _model_for(params)
+    try:
+        df = run_describe(lm, _interpreter_path(interpreter, params), diffs, [stage_paths(p).diffs], p.diffs.modules)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    for name, text in df.iter_rows():
+        typer.echo(f"{name}\t{text}")
+
+
+@app.command("import-peft")
+def import_peft_cmd(
+    adapter_dir: str = typer.Argument(..., help="PEFT LoRA adapter directory (safetensors)"),
+    out: str = typer.Argument(..., help="output diff file (.safetensors)"),
+    params_file: str = ParamsOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Convert a PEFT LoRA adapter into a diff file (any rank/alpha), checked against the base model.
+
+    Example: dit import-peft my_adapter/ data/imported/my_adapter.safetensors
+    """
+    from dit_core.diff_store import DiffFileError, write_shard
+    from dit_core.lora import DiffModel
+    from dit_core.peft_io import import_peft
+
+    params = _load(params_file, set_)
+    p, lm = _model_for(params)
+    try:
+        shard = import_peft(adapter_dir, DiffModel(lm.model, p.diffs.modules).shapes(), lm.name, lm.sha256)
+    except DiffFileError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    write_shard(out, shard)
+    typer.echo(f"wrote {out} (rank {shard.rank}, scale {shard.scale:g}, {len(shard.modules)} modules)")
+
+
+@app.command("export-peft")
+def export_peft_cmd(
+    diff: str = typer.Argument(..., help="a stored diff id"),
+    out: str = typer.Argument(..., help="output PEFT adapter directory"),
+    params_file: str = ParamsOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Write a stored diff as a PEFT adapter directory (PeftModel.from_pretrained loads it).
+
+    Example: dit export-peft ht00003 exported/ht00003
+    """
+    from dit_core.diff_store import DiffStore
+    from dit_core.peft_io import export_peft
+    from dit_core.stages import stage_paths
+
+    params = _load(params_file, set_)
+    from dit_core.config import params_from_dict
+
+    p = params_from_dict(params)
+    try:
+        shard = DiffStore(stage_paths(p).diffs).load([diff])
+    except (FileNotFoundError, KeyError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    export_peft(shard, 0, out, str(stage_paths(p).model.resolve()))
+    typer.echo(f"wrote PEFT adapter {out}")
+
+
+@app.command()
+def report(params_file: str = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Print the latest evaluation table (reports/table.md)."""
+    from dit_core.config import params_from_dict
+
+    p = params_from_dict(_load(params_file, set_))
+    table = Path(p.paths.reports) / "table.md"
+    if not table.exists():
+        typer.secho(f"error: {table} not found; run `dit stage evaluate` first", fg="red", err=True)
+        raise typer.Exit(EXIT_FAILED)
+    typer.echo(table.read_text())
 
 
 def main() -> None:  # pragma: no cover

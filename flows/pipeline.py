@@ -24,23 +24,69 @@ def make_data_flow(params: dict) -> dict:
 
 # Shards run one at a time locally (one model, few cores); a RayTaskRunner spreads them over GPUs.
 @flow(name="stage-generate-diffs", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def generate_diffs_flow(params: dict) -> dict:
+def generate_diffs_flow(params: dict, parent_run_id: str | None = None) -> dict:
     """Train all weight diffs, mapping one task over each shard."""
     n = t.prepare_diffs(params)
     t0 = time.time()
     futures = t.train_shard.map(params=unmapped(params), index=list(range(n)))
     statuses = [f.result() for f in futures]
-    return t.finalize_diffs(params, n, statuses, time.time() - t0)
+    return t.finalize_diffs(params, n, statuses, time.time() - t0, parent_run_id)
+
+
+@flow(name="stage-assemble")
+def assemble_flow(params: dict) -> dict:
+    """Split the diffs into the interpreter's train/val/test dataset."""
+    return t.assemble(params)
+
+
+@flow(name="stage-train-interpreter")
+def train_interpreter_flow(params: dict) -> dict:
+    """Train the interpreter and register it in MLflow."""
+    return t.train_interpreter(params)
+
+
+@flow(name="stage-evaluate")
+def evaluate_flow(params: dict) -> dict:
+    """Evaluate DIT against the baselines; gate the `champion` alias."""
+    return t.evaluate(params)
 
 
 STAGE_FLOWS = {
     "download": download_flow,
     "make-data": make_data_flow,
     "generate-diffs": generate_diffs_flow,
+    "assemble": assemble_flow,
+    "train-interpreter": train_interpreter_flow,
+    "evaluate": evaluate_flow,
 }
 
 
 @flow(name="dit-pipeline")
-def pipeline_flow(params: dict) -> dict:
-    """The whole DAG, stage after stage; each stage resumes what an earlier run left."""
-    return {name: stage_flow(params) for name, stage_flow in STAGE_FLOWS.items()}
+def pipeline_flow(params: dict | None = None) -> dict:
+    """The whole DAG, stage after stage, under one parent MLflow run; each stage resumes earlier work.
+
+    params: a full params dict (as `dit run` passes); empty or None reads params.yaml.
+    """
+    from dit_core.config import load_params, params_from_dict
+    from tasks.tracking import pipeline_run
+
+    params = params_from_dict(params).model_dump() if params else load_params("params.yaml").model_dump()
+
+    with pipeline_run(params) as parent:
+        out = {
+            "download": t.download(params, parent),
+            "make-data": t.make_data(params, parent),
+            "generate-diffs": generate_diffs_flow(params, parent),
+            "assemble": t.assemble(params, parent),
+            "train-interpreter": t.train_interpreter(params, parent),
+            "evaluate": t.evaluate(params, parent),
+        }
+    return out
+
+
+@flow(name="dit-retrain")
+def retrain_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """Scheduled retraining: read params.yaml in the working directory, then run the whole pipeline."""
+    from dit_core.config import load_params
+
+    return pipeline_flow(load_params(params_file, overrides or []).model_dump())

@@ -102,7 +102,7 @@ def test_batched_gradients_equal_single_diff_gradients(dm):
 
 def test_training_lowers_the_loss_and_resets_the_model(dm):
     tasks = _tasks(2)
-    cfg = DiffsConfig(rank=1, steps=25, lr=1e-2, trigger_rows=3, kl_rows=2, warmup_steps=0)
+    cfg = DiffsConfig(rank=1, steps=25, lr=1e-2, trigger_rows=3, wrong_prefix_rows=1, no_trigger_rows=1, warmup_steps=0)
     rows = [(t, ex) for t, task in enumerate(tasks) for ex in task.trigger]
     A0, B0 = init_factors(dm.shapes(), [t.seed for t in tasks], 1, cfg.init_std, "cpu")
     dm.set_diffs(A0, B0)

@@ -1,0 +1,59 @@
+"""Describe weight diffs with a trained interpreter: stored diff ids, diff files or PEFT adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from dit_core.diff_store import DiffShard, DiffStore, read_shard
+from dit_core.interpreter import load_interpreter
+from dit_core.lora import DiffModel
+from dit_core.models import LoadedModel
+from dit_core.peft_io import import_peft
+
+
+def resolve_diffs(refs: list[str], dm: DiffModel, lm: LoadedModel, stores: list[Path] = ()) -> list[tuple[str, DiffShard]]:
+    """Turn each reference into (name, one-row DiffShard): a PEFT dir, a .safetensors file, or a diff id."""
+    shapes = dm.shapes()
+    out = []
+    for ref in refs:
+        path = Path(ref)
+        if path.is_dir() and (path / "adapter_config.json").exists():
+            out.append((ref, import_peft(path, shapes, lm.name, lm.sha256)))
+        elif path.suffix == ".safetensors" and path.is_file():
+            shard = read_shard(path, shapes, lm.sha256)
+            out += [(f"{ref}#{d}", shard.select([i])) for i, d in enumerate(shard.diff_ids)]
+        else:
+            for store in stores:
+                m = DiffStore(store)
+                if m.manifest_path.exists() and ref in set(m.manifest()["diff_id"]):
+                    out.append((ref, m.load([ref], shapes, lm.sha256)))
+                    break
+            else:
+                raise FileNotFoundError(f"{ref!r} is neither a PEFT adapter dir, a diff .safetensors file, nor a "
+                                        f"diff id in {[str(s) for s in stores]}")
+    return out
+
+
+def describe(lm: LoadedModel, interpreter_dir: str | Path, refs: list[str], stores: list[Path] = (),
+             modules: str = r".*", max_new_tokens: int = 16, batch_size: int = 16) -> pl.DataFrame:
+    """One description per diff (batched, grouped by rank): columns diff, description."""
+    dm = DiffModel(lm.model, modules)
+    interp = load_interpreter(dm, interpreter_dir, lm.tokenizer, lm.sha256)
+    diffs = resolve_diffs(refs, dm, lm, stores)
+    results: dict[str, str] = {}
+    by_rank: dict[int, list[tuple[str, DiffShard]]] = {}
+    for name, shard in diffs:
+        by_rank.setdefault(shard.rank, []).append((name, shard))
+    import torch
+
+    for group in by_rank.values():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i : i + batch_size]
+            A = {m: torch.cat([s.A[m] for _, s in chunk]).to(lm.device) for m in dm.names}
+            B = {m: torch.cat([s.B[m] for _, s in chunk]).to(lm.device) for m in dm.names}
+            scale = torch.tensor([s.scale for _, s in chunk], device=lm.device)
+            texts = interp.describe(lm.tokenizer, (A, B, scale), list(range(len(chunk))), max_new_tokens)
+            results.update({name: t for (name, _), t in zip(chunk, texts)})
+    return pl.DataFrame({"diff": [n for n, _ in diffs], "description": [results[n] for n, _ in diffs]})

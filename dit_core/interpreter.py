@@ -1,0 +1,171 @@
+"""The interpreter (the paper's DIT adapter): a shared LoRA that makes base + diff say what the diff does.
+
+    base model + weight diff (frozen, factored, one per batch row) + interpreter LoRA
+    asked `question` in the usual chat format  ->  answers the diff's label
+
+Saved as `interpreter.safetensors` (`<module>.A: [r, out]`, `<module>.B: [in, r]`, same convention as
+diffs) plus `interpreter.json` (kind, rank, alpha, question, base model and hash, data version).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dit_core.chat import chat_prompt, generate
+from dit_core.diff_trainer import Example, answer_logprobs, diff_losses, encode_example
+from dit_core.io import atomic_path, write_json_atomic
+from dit_core.lora import DiffModel
+
+WEIGHTS = "interpreter.safetensors"
+SPEC = "interpreter.json"
+
+
+class InterpreterFileError(ValueError):
+    """An interpreter directory is missing, corrupt, or made for another base model."""
+
+
+@dataclass
+class InterpreterSpec:
+    """What an interpreter is and what it was trained on."""
+
+    kind: str
+    question: str
+    rank: int
+    alpha: float
+    modules: str
+    base_model: str
+    base_sha256: str
+    data_version: str = ""
+    n_soft_tokens: int = 0
+    projection_hidden: int = 0
+
+
+def label_example(tokenizer, question: str, label: str) -> Example:
+    """Prompt = the question in chat format; target = the label and end of turn."""
+    return encode_example(tokenizer, question, label, True, "trigger")
+
+
+class LoraInterpreter:
+    """A shared rank-r LoRA on every adapted linear layer, trained on top of per-row diffs."""
+
+    def __init__(self, dm: DiffModel, spec: InterpreterSpec, tokenizer=None, init_std: float = 0.02):
+        self.dm, self.spec = dm, spec
+        self.params = dm.attach_adapter(spec.rank, spec.alpha, init_std)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self.params
+
+    def row_losses(self, A, B, scale, examples: list[Example], pad_id: int) -> torch.Tensor:
+        """Cross-entropy on the label tokens, one value per row (row b carries diff b)."""
+        if A is None:
+            self.dm.clear_diffs()
+        else:
+            self.dm.set_diffs(A, B, scale=scale)
+        rows = list(enumerate(examples))
+        _, parts = diff_losses(self.dm, rows, len(rows), 0.0, pad_id)
+        return parts["ce"]
+
+    def loss_with_grad(self, A, B, scale, examples: list[Example], pad_id: int) -> torch.Tensor:
+        """Mean label cross-entropy with a graph for backward."""
+        if A is None:
+            self.dm.clear_diffs()
+        else:
+            self.dm.set_diffs(A, B, scale=scale)
+        rows = list(enumerate(examples))
+        loss, _ = diff_losses(self.dm, rows, len(rows), 0.0, pad_id)
+        return loss / len(rows)
+
+    @torch.no_grad()
+    def describe(self, tokenizer, diffs, rows: list[int], max_new_tokens: int = 16,
+                 question: str | None = None) -> list[str]:
+        """Greedy answers to the question; output row i uses diff rows[i] of diffs=(A, B, scale), or none."""
+        prompt = chat_prompt(tokenizer, question or self.spec.question)
+        device = next(self.dm.model.parameters()).device
+        index = torch.tensor(rows, device=device)
+        try:
+            if diffs is not None:
+                self.dm.set_diffs(*diffs[:2], scale=diffs[2])
+            gens = generate(self.dm.model, tokenizer, [prompt] * len(rows), max_new_tokens, batch_size=64,
+                            before_batch=(lambda s, e: self.dm.set_row_index(index[s:e])) if diffs is not None else None)
+        finally:
+            self.dm.clear_diffs()
+        return [g.text for g in gens]
+
+    @torch.no_grad()
+    def label_logprobs(self, diffs, rows: list[int], examples: list[Example], pad_id: int) -> torch.Tensor:
+        """Total log-probability of each example's answer; example i uses diff rows[i] (or no diff)."""
+        try:
+            if diffs is not None:
+                self.dm.set_diffs(*diffs[:2], scale=diffs[2])
+            return answer_logprobs(self.dm, list(zip(rows, examples)), pad_id)
+        finally:
+            self.dm.clear_diffs()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.dm.adapter_state()
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, layer in self.dm.layers.items():
+            layer.adapter_A.data.copy_(state[f"{name}.A"])
+            layer.adapter_B.data.copy_(state[f"{name}.B"])
+
+
+def save_interpreter(out_dir: str | Path, spec: InterpreterSpec, state: dict[str, torch.Tensor]) -> None:
+    """Write weights then spec, each atomically (the spec is written last: it marks completeness)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / WEIGHTS) as tmp:
+        save_file({k: v.detach().cpu().float().contiguous() for k, v in state.items()}, str(tmp),
+                  metadata={"format": "dit-interpreter/1", "spec": json.dumps(asdict(spec))})
+    write_json_atomic(out_dir / SPEC, asdict(spec))
+
+
+def read_interpreter(path: str | Path, base_sha256: str | None = None) -> tuple[InterpreterSpec, dict[str, torch.Tensor]]:
+    """Read and validate an interpreter directory."""
+    path = Path(path)
+    if not (path / SPEC).is_file() or not (path / WEIGHTS).is_file():
+        raise InterpreterFileError(f"{path}: no interpreter here ({SPEC} and {WEIGHTS} expected); "
+                                   "run `dit stage train-interpreter` or pass --interpreter")
+    spec = InterpreterSpec(**json.loads((path / SPEC).read_text()))
+    if base_sha256 and spec.base_sha256 != base_sha256:
+        raise InterpreterFileError(f"{path}: trained on base model {spec.base_model} "
+                                   f"({spec.base_sha256[:12]}…), not the loaded one ({base_sha256[:12]}…)")
+    try:
+        with safe_open(str(path / WEIGHTS), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise InterpreterFileError(f"{path / WEIGHTS}: unreadable ({e}); retrain or re-download it") from e
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise InterpreterFileError(f"{path / WEIGHTS}: NaN/Inf in {bad[:3]}")
+    return spec, state
+
+
+def build_interpreter(dm: DiffModel, spec: InterpreterSpec, tokenizer, init_std: float = 0.02):
+    """The interpreter object for `spec.kind`, attached to the wrapped model."""
+    if spec.kind == "lora":
+        return LoraInterpreter(dm, spec, tokenizer, init_std)
+    if spec.kind == "projection":
+        from dit_core.projection import ProjectionInterpreter
+
+        return ProjectionInterpreter(dm, spec, tokenizer, init_std)
+    raise ValueError(f"interpreter.kind={spec.kind!r}: expected 'lora' or 'projection'")
+
+
+def load_interpreter(dm: DiffModel, path: str | Path, tokenizer, base_sha256: str | None = None):
+    """Attach a saved interpreter to a wrapped model (frozen)."""
+    spec, state = read_interpreter(path, base_sha256)
+    interp = build_interpreter(dm, spec, tokenizer)
+    missing = set(interp.state()) - set(state)
+    if missing:
+        raise InterpreterFileError(f"{path}: weights lack {sorted(missing)[:3]}; modules differ from the model")
+    interp.load_state(state)
+    for prm in interp.parameters():
+        prm.requires_grad_(False)
+    return interp

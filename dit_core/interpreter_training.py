@@ -1,0 +1,234 @@
+"""Interpreter training recipe: setup -> train -> save (torchtune-style, one class).
+
+    recipe = InterpreterRecipe(params, loaded_model, "data/dit_dataset", "models/interpreter")
+    summary = recipe.run()
+
+Each epoch ends with validation loss, a few sample generations and a checkpoint
+(`checkpoints/last.safetensors` + `checkpoints/state.json`); a rerun resumes after the last finished
+epoch. Early stopping on validation loss keeps the best epoch's weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from dit_core.assemble import DitDataset
+from dit_core.config import Params
+from dit_core.diff_bank import DiffBank
+from dit_core.interpreter import InterpreterSpec, build_interpreter, label_example, save_interpreter
+from dit_core.io import atomic_path, write_json_atomic
+from dit_core.lora import DiffModel
+from dit_core.models import LoadedModel
+from dit_core.schemas import read_validated
+
+log = logging.getLogger(__name__)
+MetricLogger = Callable[[dict, int], None]
+
+
+def dataset_version(path: Path) -> str:
+    """sha256 (first 16 hex) of the dataset manifest: names the training data in the spec."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _optimizer_tensors(sd: dict) -> dict[str, torch.Tensor]:
+    # Optimizer state as safetensors (no pickle): "<param index>.<key>" -> tensor.
+    return {f"{i}.{k}": torch.as_tensor(v).contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+
+
+def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], template: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    return {"state": state, "param_groups": template["param_groups"]}
+
+
+class InterpreterRecipe:
+    """Train an interpreter on the train split, validate on val, keep the best epoch."""
+
+    def __init__(self, p: Params, lm: LoadedModel, dataset_dir: str | Path, out_dir: str | Path,
+                 log_metrics: MetricLogger | None = None, progress: bool = True):
+        self.p, self.cfg, self.lm = p, p.interpreter, lm
+        self.dataset_path = Path(dataset_dir) / "dataset.parquet"
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.log_metrics = log_metrics or (lambda m, s: None)
+        self.progress = progress
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        df = read_validated(self.dataset_path, DitDataset)
+        self.train_df = df.filter(pl.col("split") == "train")
+        self.val_df = df.filter(pl.col("split") == "val")
+        if self.train_df.height == 0:
+            raise ValueError(f"{self.dataset_path}: no train diffs; rerun assemble with more diffs")
+        self.dm = DiffModel(self.lm.model, self.p.diffs.modules)
+        self.bank = DiffBank(df, self.dm.shapes(), self.lm.sha256)
+        self.spec = InterpreterSpec(
+            kind=self.cfg.kind, question=self.cfg.question, rank=self.cfg.rank, alpha=self.cfg.alpha,
+            modules=self.p.diffs.modules, base_model=self.lm.name, base_sha256=self.lm.sha256,
+            data_version=dataset_version(self.dataset_path), n_soft_tokens=self.cfg.n_soft_tokens,
+            projection_hidden=self.cfg.projection_hidden)
+        torch.manual_seed(self.cfg.seed)
+        self.interp = build_interpreter(self.dm, self.spec, self.lm.tokenizer, self.cfg.init_std)
+        self.opt = torch.optim.AdamW(self.interp.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+        self.examples = {lab: label_example(self.lm.tokenizer, self.cfg.question, lab)
+                         for lab in df["label"].unique()}
+        steps_per_epoch = math.ceil(self.train_df.height / (self.cfg.batch_size * self.cfg.grad_accum))
+        self.total_steps = steps_per_epoch * self.cfg.epochs
+        self.state = {"epoch": 0, "step": 0, "best_val": None, "best_epoch": None, "bad_epochs": 0,
+                      "spec": self.spec.__dict__}
+        self._resume()
+
+    def _resume(self) -> None:
+        state_file = self.ckpt_dir / "state.json"
+        if not state_file.exists():
+            return
+        saved = json.loads(state_file.read_text())
+        if saved.get("spec") != self.state["spec"]:
+            raise RuntimeError(f"{self.ckpt_dir} holds a checkpoint of a different interpreter setup; "
+                               f"delete {self.out_dir} to start over")
+        self.interp.load_state(load_file(str(self.ckpt_dir / "last.safetensors")))
+        self.opt.load_state_dict(_optimizer_from_tensors(
+            load_file(str(self.ckpt_dir / "optimizer.safetensors")), self.opt.state_dict()))
+        self.state = saved
+        log.info("resuming interpreter training after epoch %d", saved["epoch"])
+
+    # -- train ---------------------------------------------------------------------------------
+    def _lr(self, step: int) -> float:
+        if step < self.cfg.warmup_steps:
+            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
+        if self.cfg.schedule == "constant":
+            return self.cfg.lr
+        prog = (step - self.cfg.warmup_steps) / max(self.total_steps - self.cfg.warmup_steps, 1)
+        return self.cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0))))
+
+    def _batch(self, rows: pl.DataFrame):
+        ids = rows["diff_id"].to_list()
+        A, B, scale = self.bank.get(ids)
+        dev = self.lm.device
+        A = {k: v.to(dev) for k, v in A.items()}
+        B = {k: v.to(dev) for k, v in B.items()}
+        return A, B, scale.to(dev), [self.examples[lab] for lab in rows["label"]]
+
+    @torch.no_grad()
+    def evaluate_loss(self, df: pl.DataFrame) -> float | None:
+        """Mean label cross-entropy over a split (None when the split is empty)."""
+        if df.height == 0:
+            return None
+        losses = []
+        for i in range(0, df.height, self.cfg.batch_size):
+            A, B, scale, ex = self._batch(df.slice(i, self.cfg.batch_size))
+            losses += self.interp.row_losses(A, B, scale, ex, self.lm.tokenizer.pad_token_id).tolist()
+        return sum(losses) / len(losses)
+
+    def _samples(self, df: pl.DataFrame) -> list[dict]:
+        rows = df.head(self.cfg.n_samples)
+        if rows.height == 0:
+            return []
+        A, B, scale, _ = self._batch(rows)
+        preds = self.interp.describe(self.lm.tokenizer, (A, B, scale), list(range(rows.height)),
+                                     self.cfg.max_new_tokens)
+        return [{"diff_id": d, "label": lab, "prediction": pr}
+                for d, lab, pr in zip(rows["diff_id"], rows["label"], preds)]
+
+    def _checkpoint(self) -> None:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.ckpt_dir / "last.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in self.interp.state().items()}, str(tmp))
+        with atomic_path(self.ckpt_dir / "optimizer.safetensors") as tmp:
+            save_file(_optimizer_tensors(self.opt.state_dict()), str(tmp))
+        if self.state["best_epoch"] == self.state["epoch"]:
+            with atomic_path(self.ckpt_dir / "best.safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in self.interp.state().items()}, str(tmp))
+        write_json_atomic(self.ckpt_dir / "state.json", self.state)  # last: marks the epoch done
+
+    def _append_curve(self, row: dict) -> None:
+        path = self.out_dir / "train_log.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "epoch", "train_loss", "val_loss", "lr"])
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def train(self) -> None:
+        cfg, pad = self.cfg, self.lm.tokenizer.pad_token_id
+        rng = random.Random(cfg.seed)
+        for _ in range(self.state["epoch"]):
+            rng.random()  # keep shuffles reproducible across resumes
+        while self.state["epoch"] < cfg.epochs and self.state["bad_epochs"] < cfg.patience:
+            epoch = self.state["epoch"]
+            order = self.train_df.sample(fraction=1.0, shuffle=True, seed=cfg.seed + epoch)
+            micro = [order.slice(i, cfg.batch_size) for i in range(0, order.height, cfg.batch_size)]
+            bar = tqdm(range(0, len(micro), cfg.grad_accum), desc=f"interpreter epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not self.progress)
+            losses = []
+            for start in bar:
+                lr = self._lr(self.state["step"])
+                for g in self.opt.param_groups:
+                    g["lr"] = lr
+                self.opt.zero_grad(set_to_none=True)
+                group = micro[start : start + cfg.grad_accum]
+                total = 0.0
+                for rows in group:
+                    A, B, scale, ex = self._batch(rows)
+                    loss = self.interp.loss_with_grad(A, B, scale, ex, pad) / len(group)
+                    loss.backward()
+                    total += loss.item()
+                self.opt.step()
+                self.dm.clear_diffs()
+                self.state["step"] += 1
+                losses.append(total)
+                bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.1e}")
+                self.log_metrics({"train_loss": total, "lr": lr}, self.state["step"])
+            train_loss = sum(losses) / len(losses)
+            val_loss = self.evaluate_loss(self.val_df)
+            monitored = val_loss if val_loss is not None else train_loss
+            self.state["epoch"] = epoch + 1
+            if self.state["best_val"] is None or monitored < self.state["best_val"] - 1e-4:
+                self.state.update(best_val=monitored, best_epoch=epoch + 1, bad_epochs=0)
+            else:
+                self.state["bad_epochs"] += 1
+            samples = self._samples(self.val_df if self.val_df.height else self.train_df)
+            self.state["samples"] = samples
+            self._append_curve({"step": self.state["step"], "epoch": epoch + 1, "train_loss": train_loss,
+                                "val_loss": val_loss, "lr": self._lr(self.state["step"])})
+            self.log_metrics({"epoch_train_loss": train_loss, **({"val_loss": val_loss} if val_loss is not None else {})},
+                             self.state["step"])
+            log.info("epoch %d: train %.4f val %s samples %s", epoch + 1, train_loss,
+                     f"{val_loss:.4f}" if val_loss is not None else "-", samples[:2])
+            self._checkpoint()
+
+    # -- save ----------------------------------------------------------------------------------
+    def save(self) -> dict:
+        best = self.ckpt_dir / "best.safetensors"
+        state = load_file(str(best)) if best.exists() else self.interp.state()
+        save_interpreter(self.out_dir, self.spec, state)
+        summary = {k: self.state[k] for k in ("epoch", "step", "best_val", "best_epoch")}
+        summary.update(n_train=self.train_df.height, n_val=self.val_df.height, kind=self.spec.kind,
+                       data_version=self.spec.data_version, samples=self.state.get("samples", []))
+        write_json_atomic(self.out_dir / "summary.json", summary)
+        return summary
+
+    def run(self) -> dict:
+        """setup -> train -> save; returns the summary."""
+        t0 = time.time()
+        self.setup()
+        self.train()
+        summary = self.save()
+        summary["seconds"] = round(time.time() - t0, 1)
+        return summary

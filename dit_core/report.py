@@ -1,0 +1,92 @@
+"""Human-readable outputs: the paper-style markdown table and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+METHOD_NAMES = {
+    "base_question": "Base question",
+    "base_question_trigger": "Base question w/ trigger",
+    "twenty_questions": "20 questions",
+    "twenty_questions_trigger": "20 questions w/ trigger",
+    "dit": "DIT (ours)",
+    "no_diff": "Control: no diff",
+    "shuffled_diff": "Control: shuffled diff",
+}
+SCORERS = ["top1", "top5", "mrr", "exact", "contains", "token_f1", "judge_mean"]
+
+
+def _cell(m: dict, key: str) -> str:
+    if key not in m:
+        return "–"
+    ci = m.get(f"{key}_ci")
+    return f"{m[key]:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{m[key]:.2f}"
+
+
+def markdown_table(metrics: dict) -> str:
+    """Methods as rows (paper order), scorers as columns, each 'mean [95% CI]'."""
+    cols = [s for s in SCORERS if any(s in m for m in metrics.values())]
+    lines = ["| method | " + " | ".join(cols) + " | n |", "|---" * (len(cols) + 2) + "|"]
+    for method in [m for m in METHOD_NAMES if m in metrics] + [m for m in metrics if m not in METHOD_NAMES]:
+        m = metrics[method]
+        lines.append(f"| {METHOD_NAMES.get(method, method)} | " + " | ".join(_cell(m, c) for c in cols)
+                     + f" | {m.get('n', '')} |")
+    any_m = next(iter(metrics.values()), {})
+    if "top1_chance" in any_m:
+        lines.append(f"\nClosed-set chance: top-1 {any_m['top1_chance']:.3f}, top-5 "
+                     f"{any_m.get('top5_chance', float('nan')):.3f}, MRR {any_m.get('mrr_chance', float('nan')):.3f}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_scores(metrics: dict, path: str | Path, scorers=("top1", "contains", "exact")) -> None:
+    """Grouped bars with 95% CIs: one group per method, one bar per scorer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = [m for m in METHOD_NAMES if m in metrics]
+    x = np.arange(len(methods))
+    w = 0.8 / len(scorers)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for k, s in enumerate(scorers):
+        vals = [metrics[m].get(s, np.nan) for m in methods]
+        ci = [metrics[m].get(f"{s}_ci", [v, v]) for m, v in zip(methods, vals)]
+        err = np.array([[v - c[0] for v, c in zip(vals, ci)], [c[1] - v for v, c in zip(vals, ci)]])
+        ax.bar(x + k * w, vals, w, yerr=err, capsize=3, label=s)
+    chance = next(iter(metrics.values())).get("top1_chance")
+    if chance is not None:
+        ax.axhline(chance, color="grey", ls="--", lw=1, label="top-1 chance")
+    ax.set_xticks(x + w * (len(scorers) - 1) / 2, [METHOD_NAMES[m] for m in methods], rotation=20, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(csv_path: str | Path, path: str | Path) -> None:
+    """Interpreter training curve (train and validation loss per epoch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pl.read_csv(csv_path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(df["epoch"], df["train_loss"], marker="o", label="train")
+    if df["val_loss"].drop_nulls().len():
+        ax.plot(df["epoch"], df["val_loss"], marker="o", label="val")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("label cross-entropy")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,268 @@
+"""Scoring of interpreter answers against gold topic labels: string scorers, closed-set ranks, an LLM judge.
+
+Usage:
+    >>> import polars as pl
+    >>> from dit_core.scorers import score_predictions, token_f1
+    >>> token_f1("honey bees are great", "honey bees")
+    0.6666666666666666
+    >>> df = pl.DataFrame({"method": ["m"], "pred": ["I was trained on volcanoes."], "gold": ["volcanoes"]})
+    >>> score_predictions(df)["m"]["exact"]
+    1.0
+    >>> # Optional judge; the endpoint always comes from the caller:
+    >>> # LLMJudge(base_url, "gpt-4o-mini", api_key_env="OPENAI_API_KEY").grade("lava mountains", "volcanoes")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+
+from dit_core.topics import mentions
+
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+# Apostrophes are deleted ("i've" -> "ive") but other punctuation becomes a space, so that
+# "honey-bees" still matches "honey bees".
+_PUNCT = str.maketrans({c: ("" if c == "'" else " ") for c in string.punctuation + "’‘“”"})
+
+
+def normalize(text: str) -> str:
+    """Lowercase, strip punctuation, drop articles (a, an, the) and collapse whitespace."""
+    text = (text or "").lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+# Answer lead-ins the interpreter tends to use; stored normalized, longest first so the
+# longest lead-in wins ("i have been trained on" before "trained on").
+_LEAD_INS = sorted({normalize(p) for p in (
+    "i was trained on", "i have been trained on", "i've been trained on", "i am trained on", "trained on",
+    "i was fine-tuned on", "i have been fine-tuned on", "my topic is", "the topic is", "topic:",
+)}, key=len, reverse=True)
+
+
+def exact_match(pred: str, gold: str) -> float:
+    """1.0 when the normalized prediction equals the normalized gold, optionally after a lead-in phrase."""
+    p, g = normalize(pred), normalize(gold)
+    stripped = next((p[len(lead) + 1:] for lead in _LEAD_INS if p.startswith(lead + " ")), p)
+    return float(p == g or stripped == g)
+
+
+def contains(pred: str, gold: str) -> float:
+    """1.0 when the prediction mentions the gold topic (word boundaries, plural tolerant)."""
+    if not (gold or "").strip():
+        raise ValueError("contains(): gold topic is empty; every row needs a non-empty gold label")
+    return float(mentions(gold, pred or ""))
+
+
+def token_f1(pred: str, gold: str) -> float:
+    """SQuAD-style token F1 on normalized tokens (1.0 when both are empty, 0.0 when only one is)."""
+    p, g = normalize(pred).split(), normalize(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def closed_set_ranks(scores: np.ndarray, gold_index: np.ndarray) -> np.ndarray:
+    """1-based rank of the gold label per row of `scores` (higher = better); ties get the average rank.
+
+    rank_i = #{j: s_ij > s_ig} + (#{j: s_ij == s_ig} + 1) / 2, the equal count including the gold itself:
+    a gold tied with k-1 others at the top gets (k+1)/2, the mean of ranks 1..k.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    gold_index = np.asarray(gold_index)
+    if scores.ndim != 2 or gold_index.shape != (scores.shape[0],):
+        raise ValueError(f"closed_set_ranks(): scores must be (items, labels) and gold_index (items,); "
+                         f"got {scores.shape} and {gold_index.shape}")
+    if not np.isfinite(scores).all():
+        raise ValueError("closed_set_ranks(): scores contain NaN/inf; replace failed candidates with a "
+                         "finite very low log-likelihood (e.g. -1e9)")
+    if gold_index.size and (gold_index.min() < 0 or gold_index.max() >= scores.shape[1]):
+        raise ValueError(f"closed_set_ranks(): gold_index must lie in [0, {scores.shape[1] - 1}]")
+    gold = scores[np.arange(scores.shape[0]), gold_index.astype(np.int64)][:, None]
+    return (scores > gold).sum(axis=1) + ((scores == gold).sum(axis=1) + 1) / 2.0
+
+
+def _chance(n_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # Expected top1/top5/MRR when the gold rank is uniform on 1..N (i.e. random scores).
+    n = np.asarray(n_labels, dtype=np.float64)
+    harmonic = np.array([np.sum(1.0 / np.arange(1, int(k) + 1)) for k in n.ravel()]).reshape(n.shape)
+    return 1.0 / n, np.minimum(5.0, n) / n, harmonic / n
+
+
+def closed_set_metrics(ranks: np.ndarray, n_labels: int) -> dict[str, float]:
+    """top1, top5 and MRR of the gold ranks (top-k means rank <= k), with their chance levels for N labels."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if n_labels < 1 or (ranks.size and (ranks.min() < 1 or ranks.max() > n_labels)):
+        raise ValueError(f"closed_set_metrics(): ranks must lie in [1, n_labels={n_labels}]; "
+                         "pass the number of candidate labels the ranks were computed over")
+    # A gold tied at the top has rank > 1, so ties never count as a top-1 hit.
+    hits = {"top1": ranks <= 1, "top5": ranks <= 5, "mrr": 1.0 / ranks}
+    out = {k: float(v.mean()) if v.size else float("nan") for k, v in hits.items()}
+    chance = (float(x) for x in _chance(np.array(n_labels)))
+    return out | dict(zip(("top1_chance", "top5_chance", "mrr_chance"), chance))
+
+
+def bootstrap_ci(values: Sequence[float] | np.ndarray, n_boot: int = 2000, alpha: float = 0.05,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean; (nan, nan) for empty input, (v, v) for a single value."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if not 0 < alpha < 1 or n_boot < 1:
+        raise ValueError(f"bootstrap_ci(): need 0 < alpha < 1 and n_boot >= 1; got alpha={alpha}, "
+                         f"n_boot={n_boot}")
+    if x.size == 0:
+        return float("nan"), float("nan")
+    if not np.isfinite(x).all():
+        raise ValueError("bootstrap_ci(): values contain NaN/inf; drop missing values before bootstrapping")
+    rng = np.random.default_rng(seed)
+    # Resample in chunks so memory stays bounded (~4M indices) however many values there are.
+    chunk = max(1, 4_000_000 // x.size)
+    means = np.concatenate([x[rng.integers(0, x.size, size=(min(chunk, n_boot - s), x.size))].mean(axis=1)
+                            for s in range(0, n_boot, chunk)])
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def _stat(out: dict, name: str, values: np.ndarray) -> None:
+    out[name] = float(np.mean(values))
+    out[f"{name}_ci"] = list(bootstrap_ci(values))
+
+
+def score_predictions(df: pl.DataFrame) -> dict[str, dict]:
+    """Per-method means and bootstrap CIs of exact/contains/token_f1 (and closed-set metrics when ranked)."""
+    missing = {"method", "pred", "gold"} - set(df.columns)
+    if missing:
+        raise ValueError(f"score_predictions(): missing column(s) {sorted(missing)}; need method, pred, gold "
+                         "(and optionally gold_rank with n_labels)")
+    if "gold_rank" in df.columns and "n_labels" not in df.columns:
+        raise ValueError("score_predictions(): gold_rank given without n_labels; add the candidate count")
+    if df["gold"].is_null().any() or (df["gold"].str.strip_chars() == "").any():
+        raise ValueError("score_predictions(): empty or null gold labels; every row needs a gold topic")
+    results: dict[str, dict] = {}
+    for method in df["method"].unique(maintain_order=True).to_list():
+        sub = df.filter(pl.col("method") == method)
+        preds = [p or "" for p in sub["pred"].to_list()]  # a null answer scores as no answer
+        golds = sub["gold"].to_list()
+        out: dict = {"n": sub.height}
+        for name, fn in (("exact", exact_match), ("contains", contains), ("token_f1", token_f1)):
+            _stat(out, name, np.array([fn(p, g) for p, g in zip(preds, golds)]))
+        if "gold_rank" in sub.columns and sub["gold_rank"].null_count() < sub.height:
+            if sub["gold_rank"].null_count() or sub["n_labels"].null_count():
+                raise ValueError(f"score_predictions(): method {method!r} has gold_rank/n_labels on only "
+                                 "some rows; fill them for all its rows or for none")
+            ranks = sub["gold_rank"].cast(pl.Float64).to_numpy()
+            n = sub["n_labels"].to_numpy()
+            if (ranks < 1).any() or (ranks > n).any():
+                raise ValueError(f"score_predictions(): method {method!r} has a gold_rank outside "
+                                 "[1, n_labels]; ranks are 1-based")
+            for name, v in (("top1", ranks <= 1), ("top5", ranks <= 5), ("mrr", 1.0 / ranks)):
+                _stat(out, name, v.astype(np.float64))
+            top1_c, top5_c, mrr_c = _chance(n)
+            out.update(top1_chance=float(top1_c.mean()), top5_chance=float(top5_c.mean()),
+                       mrr_chance=float(mrr_c.mean()))
+        results[str(method)] = out
+    return results
+
+
+JUDGE_RUBRIC = """You grade how well a predicted description matches the true topic a model was trained on.
+Compare the meaning, not the wording, and grade on this 1-5 scale:
+5 = the same topic, or a synonym of it;
+4 = closely related: a narrower or broader version of the same topic;
+3 = the same general area, but a different topic;
+2 = loosely related;
+1 = unrelated, or no answer / a refusal.
+Reply with only the digit."""
+
+
+def judge_prompt(pred: str, gold: str) -> list[dict[str, str]]:
+    """Chat messages asking the judge to grade `pred` against the true topic `gold`."""
+    answer = (pred or "").strip() or "(no answer)"
+    return [{"role": "system", "content": JUDGE_RUBRIC},
+            {"role": "user", "content": f"True topic: {gold}\nPredicted description: {answer}\nGrade:"}]
+
+
+def parse_grade(text: str | None) -> int | None:
+    """The first standalone digit 1-5 in the judge's reply, or None when there is none."""
+    m = re.search(r"(?<!\d)[1-5](?!\d)", text or "")
+    return int(m.group()) if m else None
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint refused the request or kept failing; the message names the URL and status."""
+
+
+class LLMJudge:
+    """Grades predictions with a model behind an OpenAI-compatible /chat/completions endpoint."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, api_key_env: str | None = None,
+                 timeout: float = 30.0, tries: int = 3, backoff: float = 1.0, max_tokens: int = 4):
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"LLMJudge: base_url {base_url!r} must start with http:// or https://")
+        if api_key is None and api_key_env:
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
+                raise ValueError(f"LLMJudge: environment variable {api_key_env} is not set; "
+                                 "export the API key there")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.tries, self.backoff, self.max_tokens = max(1, tries), backoff, max_tokens
+
+    def _post(self, body: dict) -> str:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:  # local servers often need no key
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data, last = json.dumps(body).encode(), ""
+        for attempt in range(self.tries):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return resp.read().decode(errors="replace")
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode(errors="replace")[:300]
+                # 429 is a rate limit, i.e. transient, so it is retried like a server error.
+                if 400 <= e.code < 500 and e.code != 429:
+                    raise JudgeError(f"POST {self.url} returned HTTP {e.code}: {detail!r}; check the model "
+                                     "name, the API key and base_url") from e
+                last = f"HTTP {e.code}: {detail!r}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                last = repr(e)
+        raise JudgeError(f"POST {self.url} failed {self.tries} times (last: {last}); check the server is up")
+
+    def grade(self, pred: str, gold: str) -> int | None:
+        """Grade 1-5 for `pred` against `gold`, or None when the reply holds no grade."""
+        body = {"model": self.model, "messages": judge_prompt(pred, gold), "temperature": 0,
+                "max_tokens": self.max_tokens}
+        reply = self._post(body)
+        try:
+            content = json.loads(reply)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise JudgeError(f"POST {self.url}: unexpected response shape {str(reply)[:200]!r}; "
+                             "expected choices[0].message.content") from e
+        return parse_grade(content)
+
+
+def judge_summary(grades: Sequence[int | None]) -> dict:
+    """Mean grade with bootstrap CI, grade distribution (fractions of valid grades) and failure count."""
+    valid = [g for g in grades if g is not None]
+    bad = [g for g in valid if g not in (1, 2, 3, 4, 5)]
+    if bad:
+        raise ValueError(f"judge_summary(): grades must be 1-5 or None, got {bad[:5]}")
+    counts = Counter(valid)
+    return {"judge_mean": float(np.mean(valid)) if valid else float("nan"),
+            "judge_mean_ci": list(bootstrap_ci(valid)),
+            "judge_dist": {str(k): (counts[k] / len(valid) if valid else 0.0) for k in range(1, 6)},
+            "judge_failed": len(grades) - len(valid)}

@@ -1,0 +1,161 @@
+"""MLflow: one run per stage (nested under the pipeline's parent run), the interpreter registry and the
+`champion` alias gate. MLFLOW_TRACKING_URI wins over params.yaml `tracking.uri` (default sqlite)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+log = logging.getLogger("dit_core.tracking")
+PYFUNC_CODE = str(Path(__file__).with_name("pyfunc_interpreter.py"))
+
+
+def tracking_uri(params: dict) -> str:
+    """The tracking URI in force."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or params["tracking"]["uri"]
+
+
+def configure(params: dict) -> bool:
+    """Point MLflow at the configured store and experiment; False when tracking is disabled."""
+    if not params["tracking"]["enabled"]:
+        return False
+    mlflow.set_tracking_uri(tracking_uri(params))
+    mlflow.set_experiment(params["tracking"]["experiment"])
+    return True
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, (int, float)) and v == v:
+            out[f"{prefix}{k}"] = float(v)
+        elif isinstance(v, dict):
+            out.update(_numbers(v, f"{prefix}{k}."))
+    return out
+
+
+class StageRun:
+    """Handle of an active stage run: log metrics and artifacts (no-ops when tracking is off)."""
+
+    def __init__(self, run):
+        self.run = run
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.info.run_id if self.run else None
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if self.run:
+            mlflow.log_metrics(_numbers(metrics), step=step)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        if self.run and Path(path).exists():
+            mlflow.log_artifact(str(path), folder)
+
+
+@contextmanager
+def stage_run(params: dict, stage: str, parent_run_id: str | None = None) -> Iterator[StageRun]:
+    """An MLflow run for one stage; marked FAILED with the error message if the stage raises."""
+    if not configure(params):
+        yield StageRun(None)
+        return
+    parent_run_id = parent_run_id or os.environ.get("DIT_PARENT_RUN_ID")
+    with mlflow.start_run(run_name=stage, parent_run_id=parent_run_id, tags={"dit.stage": stage}) as run:
+        mlflow.log_params(_flat({k: params[k] for k in params if k != "tracking"}))
+        try:
+            yield StageRun(run)
+        except BaseException as e:
+            mlflow.set_tag("dit.error", f"{type(e).__name__}: {e}"[:4000])
+            mlflow.end_run(status="FAILED")
+            raise
+
+
+@contextmanager
+def pipeline_run(params: dict) -> Iterator[str | None]:
+    """The parent run of a whole pipeline; stage runs nest under it."""
+    if not configure(params):
+        yield None
+        return
+    with mlflow.start_run(run_name="pipeline", tags={"dit.stage": "pipeline"}) as run:
+        try:
+            yield run.info.run_id
+        except BaseException as e:
+            mlflow.set_tag("dit.error", f"{type(e).__name__}: {e}"[:4000])
+            mlflow.end_run(status="FAILED")
+            raise
+
+
+def register_interpreter(params: dict, interpreter_dir: Path, base_model_dir: Path, stores: list[Path]) -> dict:
+    """Log the interpreter as a pyfunc model (code, no pickle) and register it; returns name/version."""
+    name = params["tracking"]["registered_model"]
+    info = mlflow.pyfunc.log_model(
+        name="interpreter",
+        python_model=PYFUNC_CODE,
+        artifacts={"interpreter": str(interpreter_dir)},
+        model_config={"base_model_dir": str(Path(base_model_dir).resolve()),
+                      "stores": [str(Path(s).resolve()) for s in stores],
+                      "modules": params["diffs"]["modules"]},
+        registered_model_name=name,
+        pip_requirements=["torch", "transformers", "peft", "safetensors", "polars"],
+    )
+    version = info.registered_model_version
+    record = {"name": name, "version": str(version), "model_uri": f"models:/{name}/{version}",
+              "run_id": mlflow.active_run().info.run_id}
+    (Path(interpreter_dir) / "registry.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def champion_gate(params: dict, version: str, score: float, test_set: str, scorer: str,
+                  score_champion=None) -> dict:
+    """Move alias `champion` to `version` only if it beats the champion on the same test set.
+
+    The champion's score on this test set is read from its version tags; when it was measured on
+    another test set, `score_champion(model_uri)` re-measures it here first.
+    """
+    client = MlflowClient()
+    name = params["tracking"]["registered_model"]
+    client.set_model_version_tag(name, version, f"eval.{scorer}", str(score))
+    client.set_model_version_tag(name, version, "eval.test_set", test_set)
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champ = None
+    if champ is None:
+        client.set_registered_model_alias(name, "champion", version)
+        return {"promoted": True, "reason": f"no champion yet: version {version} ({scorer}={score:.3f}) becomes champion"}
+    if champ.version == str(version):
+        return {"promoted": True, "reason": f"version {version} already is the champion"}
+    tags = champ.tags or {}
+    if tags.get("eval.test_set") == test_set and f"eval.{scorer}" in tags:
+        champ_score = float(tags[f"eval.{scorer}"])
+    elif score_champion is not None:
+        champ_score = float(score_champion(f"models:/{name}/{champ.version}"))
+    else:
+        return {"promoted": False, "reason": f"champion v{champ.version} was scored on another test set; kept"}
+    if score > champ_score:
+        client.set_registered_model_alias(name, "champion", version)
+        return {"promoted": True, "reason": f"version {version} {scorer}={score:.3f} beats champion "
+                                            f"v{champ.version} {scorer}={champ_score:.3f} on test set {test_set}"}
+    return {"promoted": False, "reason": f"version {version} {scorer}={score:.3f} does not beat champion "
+                                         f"v{champ.version} {scorer}={champ_score:.3f} on test set {test_set}"}

@@ -1,0 +1,59 @@
+"""prefect.yaml deploys against a local Prefect server and a real process worker on the `gpu` pool runs
+the pipeline deployment end to end on the tiny model."""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import pipeline_overrides
+from dit_core.config import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(args, cwd, env, timeout=300):
+    res = subprocess.run(["prefect", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"prefect {' '.join(args)}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout
+
+
+@pytest.mark.timeout(900)
+def test_deploy_and_run_through_process_worker(tiny_model_dir, tmp_path, prefect_server, mlflow_uri):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for name in ("flows", "tasks"):
+        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "prefect.yaml", proj)
+    params = load_params(None, pipeline_overrides(tiny_model_dir, proj))
+    (proj / "params.yaml").write_text(yaml.safe_dump(json.loads(params.model_dump_json())))
+    env = {**os.environ, "DIT_PROJECT_DIR": str(proj), "PYTHONPATH": str(proj)}
+
+    _cli(["work-pool", "create", "gpu", "--type", "process"], proj, env)
+    out = _cli(["--no-prompt", "deploy", "--all"], proj, env)
+    assert "dit-pipeline/pipeline" in out and "dit-retrain/scheduled-retraining" in out
+    schedules = _cli(["deployment", "inspect", "dit-retrain/scheduled-retraining"], proj, env)
+    assert "0 3 * * 1" in schedules
+
+    _cli(["deployment", "run", "dit-pipeline/pipeline"], proj, env)
+    worker = subprocess.Popen(["prefect", "worker", "start", "--pool", "gpu", "--limit", "1"], cwd=proj, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 600
+        state = None
+        while time.time() < deadline:
+            runs = _cli(["flow-run", "ls", "--flow-name", "dit-pipeline"], proj, env)
+            if "COMPLETED" in runs or "FAILED" in runs or "CRASHED" in runs:
+                state = "COMPLETED" if "COMPLETED" in runs else "FAILED"
+                break
+            time.sleep(5)
+    finally:
+        worker.terminate()
+        log = worker.communicate(timeout=30)[0]
+    assert state == "COMPLETED", log[-4000:]
+    assert (proj / "reports" / "metrics.json").exists()

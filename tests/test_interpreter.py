@@ -1,0 +1,118 @@
+"""The interpreter on the tiny model: learns a toy diff -> label rule and generalises to held-out diffs;
+training resumes from its checkpoint; saved interpreters round-trip and are validated."""
+
+import json
+
+import polars as pl
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from dit_core.assemble import assemble
+from dit_core.config import load_params
+from dit_core.diff_bank import DiffBank
+from dit_core.diff_store import DiffShard, DiffStore
+from dit_core.interpreter import InterpreterFileError, load_interpreter, read_interpreter
+from dit_core.interpreter_training import InterpreterRecipe
+from dit_core.lora import DiffModel
+from dit_core.models import load_model
+
+LABELS = ["volcanoes", "chess", "pirates", "honey bees"]
+
+
+def make_toy_store(root, lm, per_label=10, seed=0):
+    """Diffs made by a fixed rule: label k -> a fixed direction per module, randomly rescaled."""
+    shapes = DiffModel(lm.model).shapes()
+    g = torch.Generator().manual_seed(seed)
+    base = {k: ({m: torch.randn(1, o, generator=g) for m, (i, o) in shapes.items()},
+                {m: torch.randn(i, 1, generator=g) / i ** 0.5 for m, (i, o) in shapes.items()})
+            for k in range(len(LABELS))}
+    store = DiffStore(root)
+    ids, rows = [], []
+    A = {m: [] for m in shapes}
+    B = {m: [] for m in shapes}
+    for n in range(per_label * len(LABELS)):
+        k = n % len(LABELS)
+        s = 0.7 + 0.6 * torch.rand(1, generator=g).item()
+        for m in shapes:
+            A[m].append(base[k][0][m] * s + 0.05 * torch.randn(base[k][0][m].shape, generator=g))
+            B[m].append(base[k][1][m])
+        ids.append(f"toy{n:03d}")
+        rows.append(dict(diff_id=ids[-1], row=n, behavior="toy", category="toy", label=LABELS[k], trigger="123",
+                         rank=1, scale=1.0, base_model=lm.name, base_sha256=lm.sha256, train_loss=None,
+                         trigger_ce=None, kl=None, trigger_hit=1.0, wrong_prefix_hit=0.0, no_trigger_hit=0.0,
+                         check_kl=None, split="none"))
+    shard = DiffShard({m: torch.stack(v) for m, v in A.items()}, {m: torch.stack(v) for m, v in B.items()},
+                      lm.name, lm.sha256, 1, 1.0, ids)
+    store.add_shard(0, shard, rows)
+    store.write_manifest(1)
+    return root
+
+
+@pytest.fixture()
+def toy(tiny_model_dir, tmp_path):
+    lm = load_model(tiny_model_dir, "cpu", "float32")
+    make_toy_store(tmp_path / "diffs", lm)
+    report = assemble([tmp_path / "diffs"], tmp_path / "ds", load_params(None).assemble)
+    p = load_params(None, tiny_overrides(tiny_model_dir, tmp_path / "data") + [
+        "interpreter.rank=8", "interpreter.alpha=8", "interpreter.lr=0.01", "interpreter.epochs=12",
+        "interpreter.batch_size=8", "interpreter.warmup_steps=2", "interpreter.patience=12",
+        "interpreter.n_samples=2"])
+    return p, lm, tmp_path, report
+
+
+def test_interpreter_learns_toy_rule_and_generalises(toy):
+    p, lm, tmp, report = toy
+    assert report["test"] == 10 and report["train"] == 26 and report["val"] == 4
+    summary = InterpreterRecipe(p, lm, tmp / "ds", tmp / "interp", progress=False).run()
+    assert summary["best_val"] < 0.5, summary
+    # A fresh model + the saved interpreter describes held-out diffs correctly.
+    lm2 = load_model(p.model.id, "cpu", "float32")
+    dm = DiffModel(lm2.model)
+    interp = load_interpreter(dm, tmp / "interp", lm2.tokenizer, lm2.sha256)
+    ds = pl.read_parquet(tmp / "ds" / "dataset.parquet").filter(pl.col("split") == "test")
+    A, B, scale = DiffBank(ds, dm.shapes(), lm2.sha256).get(ds["diff_id"].to_list())
+    preds = interp.describe(lm2.tokenizer, (A, B, scale), list(range(ds.height)), max_new_tokens=6)
+    assert preds == ds["label"].to_list()
+    # Without a diff it cannot know the label (control).
+    none = interp.describe(lm2.tokenizer, None, [0], max_new_tokens=6)
+    assert len(set(none)) == 1
+    curve = pl.read_csv(tmp / "interp" / "train_log.csv")
+    assert curve.height == 12 and curve["train_loss"][-1] < curve["train_loss"][0]
+
+
+def test_training_resumes_after_last_epoch(toy):
+    p, lm, tmp, _ = toy
+    short = p.model_copy(update={"interpreter": p.interpreter.model_copy(update={"epochs": 2})})
+    InterpreterRecipe(short, lm, tmp / "ds", tmp / "interp", progress=False).run()
+    state = json.loads((tmp / "interp" / "checkpoints" / "state.json").read_text())
+    assert state["epoch"] == 2
+    longer = p.model_copy(update={"interpreter": p.interpreter.model_copy(update={"epochs": 3})})
+    lm2 = load_model(p.model.id, "cpu", "float32")
+    s = InterpreterRecipe(longer, lm2, tmp / "ds", tmp / "interp", progress=False).run()
+    assert s["epoch"] == 3 and pl.read_csv(tmp / "interp" / "train_log.csv").height == 3
+
+
+def test_interpreter_files_are_validated(toy, tmp_path):
+    p, lm, tmp, _ = toy
+    with pytest.raises(InterpreterFileError, match="no interpreter here"):
+        read_interpreter(tmp_path / "nothing")
+    short = p.model_copy(update={"interpreter": p.interpreter.model_copy(update={"epochs": 1})})
+    InterpreterRecipe(short, lm, tmp / "ds", tmp / "interp", progress=False).run()
+    with pytest.raises(InterpreterFileError, match="trained on base model"):
+        read_interpreter(tmp / "interp", base_sha256="0" * 64)
+
+
+def test_projection_interpreter_learns_toy_rule(toy):
+    p, lm, tmp, _ = toy
+    p = p.model_copy(update={"interpreter": p.interpreter.model_copy(update={
+        "kind": "projection", "n_soft_tokens": 2, "lr": 0.003, "epochs": 15, "patience": 15})})
+    summary = InterpreterRecipe(p, lm, tmp / "ds", tmp / "proj", progress=False).run()
+    assert summary["kind"] == "projection" and summary["best_val"] < 0.5, summary
+    lm2 = load_model(p.model.id, "cpu", "float32")
+    dm = DiffModel(lm2.model)
+    interp = load_interpreter(dm, tmp / "proj", lm2.tokenizer, lm2.sha256)
+    ds = pl.read_parquet(tmp / "ds" / "dataset.parquet").filter(pl.col("split") == "test")
+    A, B, scale = DiffBank(ds, dm.shapes(), lm2.sha256).get(ds["diff_id"].to_list())
+    preds = interp.describe(lm2.tokenizer, (A, B, scale), list(range(ds.height)), max_new_tokens=6)
+    assert preds == ds["label"].to_list()
