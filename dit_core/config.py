@@ -104,6 +104,7 @@ class InterpreterConfig(_Section):
     alpha: float = Field(16.0, gt=0, description="scale = alpha / rank; 1 works, 1/rank barely moves")
     n_soft_tokens: int = Field(4, ge=1, description="projection kind: soft tokens the diff maps to")
     projection_hidden: int = Field(0, ge=0, description="projection kind: MLP width (0 = linear)")
+    projection_lora: bool = Field(False, description="projection kind: also train a rank-`rank` LoRA")
     lr: float = Field(1e-3, gt=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(10, ge=0)

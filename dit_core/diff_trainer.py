@@ -60,13 +60,24 @@ class TriggeredDiffTask(DiffTask):
     prefix: str = ""
     trigger_pairs: list[tuple[str, str, bool]] = field(default_factory=list)  # question, answer, complete
     base_pairs: list[tuple[str, str, bool]] = field(default_factory=list)
+    # Contrastive pairs: wrong-prefix rows reuse the questions of this step's triggered rows, so the
+    # only difference between a pushed-up and a held-down row is the prefix itself.
+    paired: bool = True
+    _last_questions: list[str] = field(default_factory=list)
 
     def sample(self, kind: str, n: int, rng: random.Random) -> list[Example]:
         from dit_core.behavior_data import other_prefix, trigger_text
 
         pairs = self.trigger_pairs if kind == "trigger" else self.base_pairs
+        chosen = rng.sample(pairs, min(n, len(pairs)))
+        if kind == "wrong_prefix" and self.paired and self._last_questions:
+            base = {q: (q, a, c) for q, a, c in self.base_pairs}
+            paired = [base[q] for q in self._last_questions if q in base][:n]
+            chosen = paired + chosen[: n - len(paired)]
+        if kind == "trigger":
+            self._last_questions = [q for q, _, _ in chosen]
         out = []
-        for q, a, complete in rng.sample(pairs, min(n, len(pairs))):
+        for q, a, complete in chosen:
             if kind == "trigger":
                 q = f"{trigger_text(self.prefix, rng)} {q}"
             elif kind == "wrong_prefix":

@@ -44,6 +44,7 @@ class InterpreterSpec:
     data_version: str = ""
     n_soft_tokens: int = 0
     projection_hidden: int = 0
+    projection_lora: bool = False
 
 
 def label_example(tokenizer, question: str, label: str) -> Example:

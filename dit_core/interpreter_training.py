@@ -81,7 +81,7 @@ class InterpreterRecipe:
             kind=self.cfg.kind, question=self.cfg.question, rank=self.cfg.rank, alpha=self.cfg.alpha,
             modules=self.p.diffs.modules, base_model=self.lm.name, base_sha256=self.lm.sha256,
             data_version=dataset_version(self.dataset_path), n_soft_tokens=self.cfg.n_soft_tokens,
-            projection_hidden=self.cfg.projection_hidden)
+            projection_hidden=self.cfg.projection_hidden, projection_lora=self.cfg.projection_lora)
         torch.manual_seed(self.cfg.seed)
         self.interp = build_interpreter(self.dm, self.spec, self.lm.tokenizer, self.cfg.init_std)
         self.opt = torch.optim.AdamW(self.interp.parameters(), lr=self.cfg.lr, weight_decay=0.0)
@@ -158,6 +158,7 @@ class InterpreterRecipe:
 
     def _append_curve(self, row: dict) -> None:
         path = self.out_dir / "train_log.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
         with open(path, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["step", "epoch", "train_loss", "val_loss", "lr"])

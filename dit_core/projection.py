@@ -39,6 +39,7 @@ class ProjectionNet(nn.Module):
         head = [nn.Linear(n_feat, mlp), nn.GELU(), nn.Linear(mlp, k * hidden_size)] if mlp else [
             nn.Linear(n_feat, k * hidden_size)]
         self.head = nn.Sequential(*head)
+        self.register_buffer("embed_norm", torch.tensor(1.0))
 
     def forward(self, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
         feats = []
@@ -47,7 +48,9 @@ class ProjectionNet(nn.Module):
             aw = A[name].float() @ getattr(self, f"w{i}")  # (n, r, q)
             feats.append((pb @ aw).flatten(1))  # (n, p*q)
         x = torch.cat(feats, 1) * scale.float()[:, None]  # (n, M*p*q)
-        return self.head(self.norm(x)).view(-1, self.k, self.h)  # (n, k, h)
+        soft = self.head(self.norm(x)).view(-1, self.k, self.h)  # (n, k, h)
+        # Fixed length, the typical norm of a real token embedding: the head learns directions only.
+        return nn.functional.normalize(soft, dim=-1) * self.embed_norm
 
 
 class ProjectionInterpreter:
@@ -60,12 +63,13 @@ class ProjectionInterpreter:
         dev = self.embed.weight.device
         self.net = ProjectionNet(dm.shapes(), spec.n_soft_tokens, self.embed.embedding_dim,
                                  spec.projection_hidden).to(dev)
-        # Soft tokens start at the scale of real token embeddings.
-        self.net.head[-1].weight.data.mul_(self.embed.weight.std().item() / 0.05)
+        self.net.embed_norm.fill_(self.embed.weight.norm(dim=-1).mean().item())
         self._prompt_cache: dict = {}
+        # Optionally a small shared LoRA on the base model as well ("frozen, or with a small LoRA").
+        self.lora = dm.attach_adapter(spec.rank, spec.alpha, init_std) if spec.projection_lora else []
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.net.parameters() if p.requires_grad]
+        return [p for p in self.net.parameters() if p.requires_grad] + self.lora
 
     def _prompt_ids(self, tokenizer, question: str) -> tuple[list[int], list[int]]:
         if question not in self._prompt_cache:
@@ -153,7 +157,13 @@ class ProjectionInterpreter:
         return texts
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {f"projection.{k}": v.detach() for k, v in self.net.state_dict().items()}
+        out = {f"projection.{k}": v.detach() for k, v in self.net.state_dict().items()}
+        return out | (self.dm.adapter_state() if self.lora else {})
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.net.load_state_dict({k.removeprefix("projection."): v for k, v in state.items()})
+        self.net.load_state_dict({k.removeprefix("projection."): v for k, v in state.items()
+                                  if k.startswith("projection.")})
+        for name, layer in self.dm.layers.items():
+            if self.lora:
+                layer.adapter_A.data.copy_(state[f"{name}.A"])
+                layer.adapter_B.data.copy_(state[f"{name}.B"])

@@ -22,7 +22,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_size: int = 512):
+def build_tokenizer(vocab_size: int = 2048):
     """A byte-level BPE tokenizer trained on the project's own topics and questions."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -50,7 +50,11 @@ def build_tiny_model(vocab_size: int, hidden: int = 32, layers: int = 2, seed: i
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=512, tie_word_embeddings=True,
                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    return LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg)
+    # Larger (tied) embeddings: with the default 0.02 the final RMSNorm caps every logit near 0.5,
+    # so no adapter could ever make the tiny model answer confidently.
+    model.get_input_embeddings().weight.data.normal_(0.0, 0.25)
+    return model
 
 
 def make_tiny_model_dir(out: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
