@@ -81,7 +81,11 @@ def stage_run(params: dict, stage: str, parent_run_id: str | None = None) -> Ite
         yield StageRun(None)
         return
     parent_run_id = parent_run_id or os.environ.get("DIT_PARENT_RUN_ID")
-    with mlflow.start_run(run_name=stage, parent_run_id=parent_run_id, tags={"dit.stage": stage}) as run:
+    active = mlflow.active_run()
+    if active is not None and parent_run_id is None:
+        parent_run_id = active.info.run_id
+    with mlflow.start_run(run_name=stage, parent_run_id=parent_run_id, nested=active is not None,
+                          tags={"dit.stage": stage}) as run:
         mlflow.log_params(_flat({k: params[k] for k in params if k != "tracking"}))
         try:
             yield StageRun(run)
@@ -144,7 +148,7 @@ def champion_gate(params: dict, version: str, score: float, test_set: str, score
     if champ is None:
         client.set_registered_model_alias(name, "champion", version)
         return {"promoted": True, "reason": f"no champion yet: version {version} ({scorer}={score:.3f}) becomes champion"}
-    if champ.version == str(version):
+    if str(champ.version) == str(version):
         return {"promoted": True, "reason": f"version {version} already is the champion"}
     tags = champ.tags or {}
     if tags.get("eval.test_set") == test_set and f"eval.{scorer}" in tags:

@@ -38,7 +38,7 @@ def test_pipeline_flow_end_to_end(prefect_server, params, tmp_path):
     parent = next(r for r in runs if r.data.tags["dit.stage"] == "pipeline")
     assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs if r is not parent)
     champ = client.get_model_version_by_alias("dit-interpreter", "champion")
-    assert champ.version == "1" and champ.tags["eval.top1"]
+    assert str(champ.version) == "1" and champ.tags["eval.top1"]
 
     model = mlflow.pyfunc.load_model("models:/dit-interpreter@champion")
     ds = pl.read_parquet(tmp_path / "data" / "dit_dataset" / "dataset.parquet")
@@ -58,10 +58,10 @@ def test_champion_gate_refuses_worse_model(mlflow_uri, params):
     assert champion_gate(params, "1", 0.6, "setA", "top1")["promoted"]
     refused = champion_gate(params, "2", 0.4, "setA", "top1")
     assert not refused["promoted"] and "does not beat" in refused["reason"]
-    assert client.get_model_version_by_alias("dit-interpreter", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("dit-interpreter", "champion").version) == "1"
     # Another test set: the champion is re-scored there before comparing.
     better = champion_gate(params, "2", 0.7, "setB", "top1", score_champion=lambda uri: 0.5)
-    assert better["promoted"] and client.get_model_version_by_alias("dit-interpreter", "champion").version == "2"
+    assert better["promoted"] and str(client.get_model_version_by_alias("dit-interpreter", "champion").version) == "2"
 
 
 def test_failed_stage_marks_run_failed(mlflow_uri, params):
