@@ -34,8 +34,7 @@ def test_dvc_repro_runs_skips_and_reruns(tiny_model_dir, tmp_path, prefect_serve
     shutil.copytree(ROOT / "dit_core", repo / "dit_core", ignore=shutil.ignore_patterns("__pycache__"))
     params = load_params(None, pipeline_overrides(tiny_model_dir, "."))
     (repo / "params.yaml").write_text(yaml.safe_dump(json.loads(params.model_dump_json())))
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    shutil.copyfile(mlflow_uri.removeprefix("sqlite:///"), tmp_path / "mlflow.db")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": mlflow_uri}
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], repo, env)
     _run(["dvc", "init", "-q"], repo, env)
