@@ -40,20 +40,22 @@ def test_deploy_and_run_through_process_worker(tiny_model_dir, tmp_path, prefect
     schedules = _cli(["deployment", "inspect", "dit-retrain/scheduled-retraining"], proj, env)
     assert "0 3 * * 1" in schedules
 
-    _cli(["deployment", "run", "dit-pipeline/pipeline"], proj, env)
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment("dit-pipeline/pipeline", timeout=0)
     worker = subprocess.Popen(["prefect", "worker", "start", "--pool", "gpu", "--limit", "1"], cwd=proj, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 600
-        state = None
-        while time.time() < deadline:
-            runs = _cli(["flow-run", "ls", "--flow-name", "dit-pipeline"], proj, env)
-            if "COMPLETED" in runs or "FAILED" in runs or "CRASHED" in runs:
-                state = "COMPLETED" if "COMPLETED" in runs else "FAILED"
-                break
-            time.sleep(5)
+        with get_client(sync_client=True) as client:
+            while time.time() < deadline:
+                state = client.read_flow_run(flow_run.id).state
+                if state.is_final():
+                    break
+                time.sleep(3)
     finally:
         worker.terminate()
         log = worker.communicate(timeout=30)[0]
-    assert state == "COMPLETED", log[-4000:]
+    assert state.is_completed(), f"{state.type}: {state.message}\n{log[-6000:]}"
     assert (proj / "reports" / "metrics.json").exists()
