@@ -53,19 +53,24 @@ class DiffLinear(nn.Module):
 
     def _diff_delta(self, x: torch.Tensor) -> torch.Tensor:
         A, B, scale = self.diff_A, self.diff_B, self.diff_scale
+        # Scale folded into the small factor A (N, r, out), not applied to the (b, s, out) output.
+        A = A * (scale.to(A.dtype)[:, None, None] if isinstance(scale, torch.Tensor) else scale)
+        group = self.__dict__.get("rows_per_diff")
+        if group:
+            # Rows come in equal, contiguous groups per diff (training batches): one bmm per diff,
+            # no per-row gather of the factors.
+            b, s, _ = x.shape
+            xg = x.reshape(A.shape[0], group * s, -1)  # (N, n*s, in)
+            delta = torch.bmm(torch.bmm(xg, B.to(x.dtype)), A.to(x.dtype))  # (N, n*s, out)
+            return delta.reshape(b, s, -1)
         if self.row_index is not None:
             A, B = A[self.row_index], B[self.row_index]  # (b, r, out), (b, in, r)
-            if isinstance(scale, torch.Tensor):
-                scale = scale[self.row_index]
         if A.shape[0] != x.shape[0]:
             raise ValueError(
                 f"{x.shape[0]} batch rows but {A.shape[0]} diffs: pass row_index to set_diffs"
             )
         h = torch.einsum("bsi,bir->bsr", x, B.to(x.dtype))  # (b, s, r)
-        delta = torch.einsum("bsr,bro->bso", h, A.to(x.dtype))  # (b, s, out)
-        if isinstance(scale, torch.Tensor):
-            return delta * scale.to(x.dtype)[:, None, None]
-        return delta * scale
+        return torch.einsum("bsr,bro->bso", h, A.to(x.dtype))  # (b, s, out)
 
 
 def linear_module_names(model: nn.Module, pattern: str = r".*") -> list[str]:
@@ -80,6 +85,15 @@ def linear_module_names(model: nn.Module, pattern: str = r".*") -> list[str]:
         if isinstance(mod, nn.Linear) and ".layers." in f".{name}" and rx.search(name):
             names.append(name)
     return names
+
+
+def _equal_groups(row_index: torch.Tensor | None, A: torch.Tensor | None) -> int | None:
+    """n when row_index is [0]*n + [1]*n + ... + [N-1]*n for all N installed diffs, else None."""
+    if row_index is None or A is None or row_index.numel() % A.shape[0]:
+        return None
+    n = row_index.numel() // A.shape[0]
+    expected = torch.arange(A.shape[0], device=row_index.device).repeat_interleave(n)
+    return n if torch.equal(row_index, expected) else None
 
 
 class DiffModel:
@@ -122,19 +136,21 @@ class DiffModel:
             raise KeyError(f"diff lacks {len(missing)} adapted modules, e.g. {sorted(missing)[0]}")
         for name, layer in self.layers.items():
             # Plain attributes, not registered parameters, even when the caller trains them.
-            layer.__dict__.update(
-                diff_A=A[name], diff_B=B[name], diff_scale=scale, row_index=row_index
-            )
+            layer.__dict__.update(diff_A=A[name], diff_B=B[name], diff_scale=scale)
+        self.set_row_index(row_index)
 
     def set_row_index(self, row_index: torch.Tensor | None) -> None:
         """Change which diff each batch row uses, keeping the installed diffs."""
+        group = _equal_groups(row_index, next(iter(self.layers.values())).diff_A)
         for layer in self.layers.values():
             layer.row_index = row_index
+            layer.__dict__["rows_per_diff"] = group
 
     def clear_diffs(self) -> None:
         """Remove installed diffs (the model behaves as the base model again)."""
         for layer in self.layers.values():
             layer.diff_A = layer.diff_B = layer.row_index = None
+            layer.__dict__["rows_per_diff"] = None
 
     @contextmanager
     def diffs_disabled(self) -> Iterator[None]:

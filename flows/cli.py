@@ -76,7 +76,12 @@ def run(params_file: str = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> Non
 
     params = _load(params_file, set_)
     result = _run_flow(pipeline_flow, params)
-    typer.echo(json.dumps(result, indent=2, default=str))
+    ev = result.get("evaluate", {})
+    summary = {k: v for k, v in result.items() if k != "evaluate"}
+    typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo("\n" + ev.get("table", ""))
+    if "champion" in ev:
+        typer.echo(f"champion: {ev['champion']['reason']}")
 
 
 def _model_for(params: dict):

@@ -116,3 +116,19 @@ def test_training_lowers_the_loss_and_resets_the_model(dm):
     dm.clear_diffs()
     assert (after < before - 0.1).all(), (before, after)
     assert all(layer.diff_A is None for layer in dm.layers.values())
+
+
+def test_grouped_rows_equal_per_row_gather(dm):
+    """Training batches (equal contiguous rows per diff) take a gather-free path; same result."""
+    ids = torch.randint(3, 500, (6, 5))
+    A, B = _random_diffs(dm, 3)
+    rows = torch.tensor([0, 0, 1, 1, 2, 2])
+    with torch.no_grad():
+        dm.set_diffs(A, B, scale=0.5, row_index=rows)
+        assert next(iter(dm.layers.values())).rows_per_diff == 2
+        grouped = dm.model(ids).logits
+        dm.set_diffs({k: v[rows] for k, v in A.items()}, {k: v[rows] for k, v in B.items()}, scale=0.5)
+        assert next(iter(dm.layers.values())).rows_per_diff is None
+        gathered = dm.model(ids).logits
+    dm.clear_diffs()
+    torch.testing.assert_close(grouped, gathered, atol=1e-5, rtol=1e-5)
