@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from dit_core.config import DiffsConfig  # noqa: E402
 from dit_core.diff_trainer import DiffTask, encode_example, train_diffs  # noqa: E402
 from dit_core.lora import DiffModel  # noqa: E402
-from dit_core.models import load_model  # noqa: E402
+from dit_core.models import compute_context, load_model  # noqa: E402
 from dit_core.topics import load_questions  # noqa: E402
 
 
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"])
     ap.add_argument("--out", default="bench/results/diff_generation.json")
     args = ap.parse_args()
     if args.tiny:
@@ -66,6 +67,8 @@ def main() -> None:
     lm = load_model(args.model, args.device, args.dtype)
     dm = DiffModel(lm.model)
     results = []
+    ctx = compute_context(lm.device, args.autocast)
+    ctx.__enter__()
     for T in args.T:
         tasks = synthetic_tasks(lm.tokenizer, T)
         cfg = DiffsConfig(steps=args.steps, diffs_per_batch=T, warmup_steps=0)
@@ -95,6 +98,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "device": str(lm.device), "dtype": str(next(lm.model.parameters()).dtype),
+                               "autocast": args.autocast,
                                "results": results}, indent=2))
     print(json.dumps(results, indent=1))
 

@@ -73,6 +73,7 @@ class DiffsConfig(_Section):
     wrong_prefix_rows: int = Field(2, ge=0, description="wrong-prefix (KL) rows per diff per step")
     no_trigger_rows: int = Field(1, ge=0, description="untriggered (KL) rows per diff per step")
     kl_weight: float = Field(5.0, ge=0)
+    first_token_weight: float = Field(1.0, gt=0, description="weight of each answer's first token")
     init_std: float = Field(0.02, gt=0, description="std of the input-side factor B at init")
     check: bool = True
     check_tokens: int = Field(32, ge=4, description="max new tokens of a behaviour-check answer")

@@ -141,9 +141,14 @@ def answer_logits(model, batch: Batch, rows_pos: tuple[torch.Tensor, torch.Tenso
 
 
 def diff_losses(
-    dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, kl_weight: float, pad_id: int
+    dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, kl_weight: float, pad_id: int,
+    first_token_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Summed loss over diffs and per-diff parts (ce, kl per kind), each shaped (n_diffs,)."""
+    """Summed loss over diffs and per-diff parts (ce, kl per kind), each shaped (n_diffs,).
+
+    `first_token_weight` weighs each answer's first token (where greedy decoding commits to the topic
+    or not) against the rest of the answer, in both the cross-entropy and the KL term.
+    """
     model = dm.model
     device = next(model.parameters()).device
     batch = collate(rows, pad_id, device)
@@ -163,10 +168,16 @@ def diff_losses(
             teacher = F.log_softmax(answer_logits(model, batch, rows_pos)[tok_kl], dim=-1)
         per_tok[tok_kl] = (teacher.exp() * (teacher - logp[tok_kl])).sum(-1)  # KL(base || diff)
 
+    weight = torch.ones_like(per_tok)
+    if first_token_weight != 1.0:
+        first = torch.ones_like(tok_row, dtype=torch.bool)
+        first[1:] = tok_row[1:] != tok_row[:-1]  # positions are grouped by row, in order
+        weight[first] = first_token_weight
+
     def per_diff_mean(sel: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(n_diffs, device=device).index_add(0, tok_diff[sel], per_tok[sel])
-        count = torch.zeros(n_diffs, device=device).index_add(0, tok_diff[sel], torch.ones_like(per_tok[sel]))
-        return total / count.clamp(min=1)
+        total = torch.zeros(n_diffs, device=device).index_add(0, tok_diff[sel], (per_tok * weight)[sel])
+        count = torch.zeros(n_diffs, device=device).index_add(0, tok_diff[sel], weight[sel])
+        return total / count.clamp(min=1e-6)
 
     kinds = [ex.kind for _, ex in rows]
     kind_tok = torch.tensor([["trigger", "no_trigger", "wrong_prefix"].index(k) for k in kinds], device=device)[tok_row]
@@ -235,7 +246,8 @@ def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: 
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup_steps)
-        loss, parts = diff_losses(dm, _sample_rows(tasks, rngs, cfg), len(tasks), cfg.kl_weight, pad_id)
+        loss, parts = diff_losses(dm, _sample_rows(tasks, rngs, cfg), len(tasks), cfg.kl_weight, pad_id,
+                                  cfg.first_token_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
