@@ -99,8 +99,13 @@ class InterpreterRecipe:
             return
         saved = json.loads(state_file.read_text())
         if saved.get("spec") != self.state["spec"]:
-            raise RuntimeError(f"{self.ckpt_dir} holds a checkpoint of a different interpreter setup; "
-                               f"delete {self.out_dir} to start over")
+            # New data or settings (e.g. scheduled retraining): start over, keeping the old run aside.
+            stale = self.ckpt_dir.with_name(f"checkpoints.stale-{int(time.time())}")
+            self.ckpt_dir.rename(stale)
+            (self.out_dir / "train_log.csv").unlink(missing_ok=True)
+            log.warning("checkpoint in %s is for another setup (data or params changed); moved to %s, "
+                        "training from scratch", self.ckpt_dir, stale)
+            return
         self.interp.load_state(load_file(str(self.ckpt_dir / "last.safetensors")))
         self.opt.load_state_dict(_optimizer_from_tensors(
             load_file(str(self.ckpt_dir / "optimizer.safetensors")), self.opt.state_dict()))

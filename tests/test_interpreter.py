@@ -119,3 +119,13 @@ def test_projection_interpreter_learns_toy_rule(toy):
     preds = interp.describe(lm2.tokenizer, (A, B, scale), list(range(ds.height)), max_new_tokens=6)
     acc = sum(p == g for p, g in zip(preds, ds["label"])) / ds.height
     assert acc >= 0.5, list(zip(preds, ds["label"]))  # chance is 0.25; measured 0.5 at 60 epochs
+
+
+def test_changed_data_starts_over_and_keeps_old_checkpoint(toy):
+    p, lm, tmp, _ = toy
+    short = p.model_copy(update={"interpreter": p.interpreter.model_copy(update={"epochs": 1})})
+    InterpreterRecipe(short, lm, tmp / "ds", tmp / "interp", progress=False).run()
+    other = short.model_copy(update={"interpreter": short.interpreter.model_copy(update={"rank": 2})})
+    s = InterpreterRecipe(other, lm, tmp / "ds", tmp / "interp", progress=False).run()
+    assert s["epoch"] == 1
+    assert len(list((tmp / "interp").glob("checkpoints.stale-*"))) == 1
