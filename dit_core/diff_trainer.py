@@ -94,7 +94,6 @@ class Batch:
     attention_mask: torch.Tensor  # (b, s)
     row_index: torch.Tensor  # (b,) diff of each row
     is_kl: torch.Tensor  # (b,) bool: KL row (else cross-entropy row)
-    kinds: list[str] = field(default_factory=list)
 
 
 def encode_example(tokenizer, prompt: str, answer: str, complete: bool, kind: str) -> Example:
@@ -119,7 +118,6 @@ def collate(rows: list[tuple[int, Example]], pad_id: int, device) -> Batch:
         attention_mask=mask.to(device),
         row_index=torch.tensor([t for t, _ in rows], device=device),
         is_kl=torch.tensor([ex.kind != "trigger" for _, ex in rows], device=device),
-        kinds=[ex.kind for _, ex in rows],
     )
 
 

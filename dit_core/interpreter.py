@@ -62,25 +62,23 @@ class LoraInterpreter:
     def parameters(self) -> list[torch.nn.Parameter]:
         return self.params
 
-    def row_losses(self, A, B, scale, examples: list[Example], pad_id: int) -> torch.Tensor:
-        """Cross-entropy on the label tokens, one value per row (row b carries diff b)."""
+    def _label_ce(self, A, B, scale, examples: list[Example], pad_id: int):
+        # Row b carries diff b (A=None: no diff); returns (summed CE, per-row CE).
         if A is None:
             self.dm.clear_diffs()
         else:
             self.dm.set_diffs(A, B, scale=scale)
-        rows = list(enumerate(examples))
-        _, parts = diff_losses(self.dm, rows, len(rows), 0.0, pad_id)
-        return parts["ce"]
+        loss, parts = diff_losses(self.dm, list(enumerate(examples)), len(examples), 0.0, pad_id)
+        return loss, parts["ce"]
+
+    @torch.no_grad()
+    def row_losses(self, A, B, scale, examples: list[Example], pad_id: int) -> torch.Tensor:
+        """Cross-entropy on the label tokens, one value per row (row b carries diff b)."""
+        return self._label_ce(A, B, scale, examples, pad_id)[1]
 
     def loss_with_grad(self, A, B, scale, examples: list[Example], pad_id: int) -> torch.Tensor:
         """Mean label cross-entropy with a graph for backward."""
-        if A is None:
-            self.dm.clear_diffs()
-        else:
-            self.dm.set_diffs(A, B, scale=scale)
-        rows = list(enumerate(examples))
-        loss, _ = diff_losses(self.dm, rows, len(rows), 0.0, pad_id)
-        return loss / len(rows)
+        return self._label_ce(A, B, scale, examples, pad_id)[0] / len(examples)
 
     @torch.no_grad()
     def describe(self, tokenizer, diffs, rows: list[int], max_new_tokens: int = 16,
