@@ -18,6 +18,8 @@ import typer
 
 # dit_core logs through the standard library; make Prefect show those records in its run logs.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dit_core")
+# The temporary local server would try to send telemetry; the project's machines are offline.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Diff Interpretation Tuning: make weight diffs, train an interpreter, describe diffs.")
