@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import torch
 
 from dit_core.diff_store import DiffShard, DiffStore, read_shard
 from dit_core.interpreter import load_interpreter
@@ -46,8 +47,6 @@ def describe(lm: LoadedModel, interpreter_dir: str | Path, refs: list[str], stor
     by_rank: dict[int, list[tuple[str, DiffShard]]] = {}
     for name, shard in diffs:
         by_rank.setdefault(shard.rank, []).append((name, shard))
-    import torch
-
     for group in by_rank.values():
         for i in range(0, len(group), batch_size):
             chunk = group[i : i + batch_size]

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import polars as pl
-import torch
 
 from dit_core.behavior_check import CheckSet, check_diffs
 from dit_core.config import Params

@@ -70,6 +70,6 @@ def test_generate_resume_and_refuse(params, tiny_model_dir):
 
 
 def _overrides(p):
-    return [f"model.source=local", f"model.id={p.model.id}", f"paths.data={p.paths.data}"] + [
+    return ["model.source=local", f"model.id={p.model.id}", f"paths.data={p.paths.data}"] + [
         f"data.{k}={v}" for k, v in p.data.model_dump().items() if v is not None] + [
         f"diffs.{k}={v}" for k, v in p.diffs.model_dump().items() if v is not None and k != "modules"]

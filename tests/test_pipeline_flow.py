@@ -2,7 +2,6 @@
 logs a run, the interpreter is registered and gets `champion`, and it can be loaded and used from the
 registry. The champion gate refuses a worse model."""
 
-from pathlib import Path
 
 import mlflow
 import polars as pl
