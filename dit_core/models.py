@@ -166,12 +166,14 @@ def _fetch_hub(cfg: ModelConfig, out: Path) -> None:
     from huggingface_hub import snapshot_download
 
     try:
-        snapshot_download(
+        # Through the shared HF cache (HF_HUB_CACHE): reused across projects, and served offline
+        # (HF_HUB_OFFLINE=1) when the snapshot is already there.
+        snapshot = snapshot_download(
             repo_id=cfg.id,
             revision=cfg.revision,
-            local_dir=out,
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
         )
+        shutil.copytree(snapshot, out, dirs_exist_ok=True)  # follows the cache's symlinks
     except Exception as e:
         raise ModelSourceError(
             f"could not download '{cfg.id}' from the hub: {e}. Offline? Use model.source=local with "
