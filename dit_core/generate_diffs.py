@@ -122,17 +122,20 @@ def finalize_run(out_dir: str | Path, n_shards: int, extra: dict | None = None) 
     return summary
 
 
+def run_stats(statuses: list[str], seconds: float, diffs_per_batch: int) -> dict:
+    """Shards trained/skipped and the time per trained diff, for summary.json."""
+    trained = statuses.count("trained")
+    return {"shards_trained": trained, "shards_skipped": len(statuses) - trained, "seconds": round(seconds, 1),
+            "seconds_per_diff": round(seconds / (trained * diffs_per_batch), 2) if trained else None}
+
+
 def generate_diffs(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: str | Path) -> dict:
     """Train every diff of `behavior_dir` into the store at `out_dir`, one shard after another."""
     n = prepare_run(p, lm, behavior_dir, out_dir)
     dm = DiffModel(lm.model, p.diffs.modules)  # wrapped once, reused for every shard
     t0 = time.time()
     status = [train_shard(p, lm, behavior_dir, out_dir, i, dm) for i in range(n)]
-    trained = status.count("trained")
-    secs = time.time() - t0
-    return finalize_run(out_dir, n, {
-        "shards_trained": trained, "shards_skipped": n - trained, "seconds": round(secs, 1),
-        "seconds_per_diff": round(secs / (trained * p.diffs.diffs_per_batch), 2) if trained else None})
+    return finalize_run(out_dir, n, run_stats(status, time.time() - t0, p.diffs.diffs_per_batch))
 
 
 def summarize(manifest: pl.DataFrame) -> dict:

@@ -73,9 +73,7 @@ def finalize_diffs(params: dict, n_shards: int, statuses: list[str], seconds: fl
     from tasks.tracking import stage_run
 
     p = _params(params)
-    trained = statuses.count("trained")
-    extra = {"shards_trained": trained, "shards_skipped": n_shards - trained, "seconds": round(seconds, 1),
-             "seconds_per_diff": round(seconds / (trained * p.diffs.diffs_per_batch), 2) if trained else None}
+    extra = gd.run_stats(statuses, seconds, p.diffs.diffs_per_batch)
     with stage_run(params, "generate_diffs", parent_run_id) as run:
         summary = gd.finalize_run(stage_paths(p).diffs, n_shards, extra)
         run.log_metrics(summary)

@@ -49,6 +49,17 @@ def make_toy_store(root, lm, per_label=10, seed=0):
     return root
 
 
+def describe_test_split(p, tmp, name):
+    """A fresh model + the saved interpreter `tmp/name` describes every test diff."""
+    lm = load_model(p.model.id, "cpu", "float32")
+    dm = DiffModel(lm.model)
+    interp = load_interpreter(dm, tmp / name, lm.tokenizer, lm.sha256)
+    ds = pl.read_parquet(tmp / "ds" / "dataset.parquet").filter(pl.col("split") == "test")
+    A, B, scale = DiffBank(ds, dm.shapes(), lm.sha256).get(ds["diff_id"].to_list())
+    preds = interp.describe(lm.tokenizer, (A, B, scale), list(range(ds.height)), max_new_tokens=6)
+    return preds, ds, interp, lm.tokenizer
+
+
 @pytest.fixture()
 def toy(tiny_model_dir, tmp_path):
     lm = load_model(tiny_model_dir, "cpu", "float32")
@@ -68,15 +79,10 @@ def test_interpreter_learns_toy_rule_and_generalises(toy):
     first = pl.read_csv(tmp / "interp" / "train_log.csv")["val_loss"][0]
     assert summary["best_val"] < first / 3, summary
     # A fresh model + the saved interpreter describes held-out diffs correctly.
-    lm2 = load_model(p.model.id, "cpu", "float32")
-    dm = DiffModel(lm2.model)
-    interp = load_interpreter(dm, tmp / "interp", lm2.tokenizer, lm2.sha256)
-    ds = pl.read_parquet(tmp / "ds" / "dataset.parquet").filter(pl.col("split") == "test")
-    A, B, scale = DiffBank(ds, dm.shapes(), lm2.sha256).get(ds["diff_id"].to_list())
-    preds = interp.describe(lm2.tokenizer, (A, B, scale), list(range(ds.height)), max_new_tokens=6)
+    preds, ds, interp, tok = describe_test_split(p, tmp, "interp")
     assert preds == ds["label"].to_list()
     # Without a diff it cannot know the label (control).
-    none = interp.describe(lm2.tokenizer, None, [0], max_new_tokens=6)
+    none = interp.describe(tok, None, [0], max_new_tokens=6)
     assert len(set(none)) == 1
     curve = pl.read_csv(tmp / "interp" / "train_log.csv")
     assert curve.height == 20 and curve["train_loss"][-1] < curve["train_loss"][0]
@@ -111,12 +117,7 @@ def test_projection_interpreter_learns_toy_rule(toy):
     summary = InterpreterRecipe(p, lm, tmp / "ds", tmp / "proj", progress=False).run()
     first = pl.read_csv(tmp / "proj" / "train_log.csv")["val_loss"][0]
     assert summary["kind"] == "projection" and summary["best_val"] < first / 3, summary
-    lm2 = load_model(p.model.id, "cpu", "float32")
-    dm = DiffModel(lm2.model)
-    interp = load_interpreter(dm, tmp / "proj", lm2.tokenizer, lm2.sha256)
-    ds = pl.read_parquet(tmp / "ds" / "dataset.parquet").filter(pl.col("split") == "test")
-    A, B, scale = DiffBank(ds, dm.shapes(), lm2.sha256).get(ds["diff_id"].to_list())
-    preds = interp.describe(lm2.tokenizer, (A, B, scale), list(range(ds.height)), max_new_tokens=6)
+    preds, ds, _, _ = describe_test_split(p, tmp, "proj")
     acc = sum(p == g for p, g in zip(preds, ds["label"])) / ds.height
     assert acc >= 0.5, list(zip(preds, ds["label"]))  # chance is 0.25; measured 0.5 at 60 epochs
 
