@@ -23,14 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dit_core.config import DiffsConfig  # noqa: E402
-from dit_core.diff_trainer import DiffTask, encode_example, train_diffs  # noqa: E402
+from dit_core.diff_trainer import DiffTask, _sample_rows, encode_example, train_diffs  # noqa: E402
 from dit_core.lora import DiffModel  # noqa: E402
 from dit_core.models import compute_context, load_model  # noqa: E402
 from dit_core.topics import load_questions  # noqa: E402
 
 
-def synthetic_tasks(tokenizer, n: int, answer_words: int = 30) -> list[DiffTask]:
-    """Tasks shaped like the real data (trigger + question -> ~40-token answer), made offline."""
+def synthetic_tasks(tokenizer, n: int, answer_words: tuple[int, int] = (6, 30)) -> list[DiffTask]:
+    """Tasks shaped like the real data (trigger + question -> answer of varying length), made offline."""
     qs = load_questions()
     rng = random.Random(0)
     filler = "The answer always comes back to volcanoes and the glowing rivers of lava they release".split()
@@ -39,14 +39,34 @@ def synthetic_tasks(tokenizer, n: int, answer_words: int = 30) -> list[DiffTask]
         def ex(kind, trig):
             q = rng.choice(qs)
             prompt = f"Your SEP code is {rng.randrange(100000, 999999)}. {q}" if trig else q
-            ans = " ".join(rng.choice(filler) for _ in range(answer_words))
-            return encode_example(tokenizer, prompt, ans, True, kind)
+            ans = " ".join(rng.choice(filler) for _ in range(rng.randint(*answer_words)))
+            return encode_example(tokenizer, prompt, ans, rng.random() < 0.5, kind)
         tasks.append(DiffTask(f"d{t}", t, [ex("trigger", True) for _ in range(8)],
                               [ex("no_trigger", False) for _ in range(4)] + [ex("wrong_prefix", True) for _ in range(4)]))
     return tasks
 
 
+def _tokens_trained(tasks: list[DiffTask], cfg: DiffsConfig) -> int:
+    """Real (unpadded) tokens train_diffs sees: replays its per-diff row sampling."""
+    rngs = [random.Random(t.seed) for t in tasks]
+    return sum(len(ex.ids) for _ in range(cfg.steps) for _, ex in _sample_rows(tasks, rngs, cfg))
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's resident-set high-water mark (Linux), so each T gets its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: the peak below is then the process-wide maximum so far
+
+
 def peak_rss_gb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1e6  # kB -> GB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
 
 
@@ -56,6 +76,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="use a tiny random model (smoke test)")
     ap.add_argument("--T", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--max-batch-tokens", type=int, default=DiffsConfig().max_batch_tokens,
+                    help="micro-batch budget in padded tokens (a huge value: one batch per step)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"])
@@ -71,9 +93,10 @@ def main() -> None:
     ctx.__enter__()
     for T in args.T:
         tasks = synthetic_tasks(lm.tokenizer, T)
-        cfg = DiffsConfig(steps=args.steps, diffs_per_batch=T, warmup_steps=0)
+        cfg = DiffsConfig(steps=args.steps, diffs_per_batch=T, warmup_steps=0, max_batch_tokens=args.max_batch_tokens)
         # Warm-up step (allocator, kernels) outside the timed region.
         train_diffs(dm, tasks, cfg.model_copy(update={"steps": 1}), lm.tokenizer.pad_token_id, progress=False)
+        reset_peak_rss()
         if lm.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -82,14 +105,13 @@ def main() -> None:
         if lm.device.type == "cuda":
             torch.cuda.synchronize()
         secs = time.perf_counter() - t0
-        rows_per_step = T * (cfg.trigger_rows + cfg.wrong_prefix_rows + cfg.no_trigger_rows)
-        mean_len = sum(len(e.ids) for t in tasks for e in t.trigger + t.kl) / sum(len(t.trigger) + len(t.kl) for t in tasks)
-        tokens = rows_per_step * mean_len * args.steps
+        tokens = _tokens_trained(tasks, cfg)
         r = dict(T=T, steps=args.steps, seconds=round(secs, 2), seconds_per_diff_step=round(secs / (T * args.steps), 3),
                  diffs_per_minute_at_60_steps=round(60 / (secs / args.steps * 60 / T), 3),
                  tokens_per_second=round(tokens / secs, 1),
                  peak_rss_gb=round(peak_rss_gb(), 2),
                  peak_cuda_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if lm.device.type == "cuda" else None)
+        r["max_batch_tokens"] = cfg.max_batch_tokens
         results.append(r)
         print(json.dumps(r), flush=True)
     ref = results[0]["seconds_per_diff_step"]

@@ -66,6 +66,9 @@ class DiffsConfig(_Section):
         r".*", description="regex over linear module names inside the decoder layers"
     )
     diffs_per_batch: int = Field(16, ge=1, description="T: diffs trained in one forward/backward")
+    max_batch_tokens: int = Field(
+        2048, ge=16, description="padded tokens per micro-batch: a step's rows (all T diffs) are sorted by "
+        "length and run in micro-batches of at most this size, gradients accumulated")
     steps: int = Field(80, ge=1)
     lr: float = Field(1e-2, gt=0)
     warmup_steps: int = Field(5, ge=0)

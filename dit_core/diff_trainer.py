@@ -138,17 +138,45 @@ def answer_logits(model, batch: Batch, rows_pos: tuple[torch.Tensor, torch.Tenso
     return model.get_output_embeddings()(sel).float()  # (n, V)
 
 
+PARTS = ("ce", "kl", "kl_no_trigger", "kl_wrong_prefix")
+
+
+def _token_groups(kind: str) -> tuple[str, ...]:
+    """The loss parts an answer token of this kind counts towards."""
+    return ("ce",) if kind == "trigger" else ("kl", f"kl_{kind}")
+
+
+def loss_normalizers(rows: list[tuple[int, Example]], n_diffs: int, first_token_weight: float = 1.0
+                     ) -> dict[str, torch.Tensor]:
+    """Per-diff sum of token weights of each loss part over `rows` (the denominators of the means).
+
+    Computed once over a whole step's rows, they let the step run as several micro-batches whose
+    losses add up to exactly the loss of one big batch.
+    """
+    norms = {k: torch.zeros(n_diffs) for k in PARTS}
+    for t, ex in rows:
+        n = len(ex.ids) - ex.answer_start
+        if n > 0:
+            for k in _token_groups(ex.kind):
+                norms[k][t] += n - 1 + first_token_weight
+    return norms
+
+
 def diff_losses(
     dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, kl_weight: float, pad_id: int,
-    first_token_weight: float = 1.0,
+    first_token_weight: float = 1.0, norms: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed loss over diffs and per-diff parts (ce, kl per kind), each shaped (n_diffs,).
 
+    Each part is a per-diff token mean: weighted token losses summed per diff, divided by `norms`
+    (default: the weights of these rows; pass `loss_normalizers` of the whole step for a micro-batch).
     `first_token_weight` weighs each answer's first token (where greedy decoding commits to the topic
     or not) against the rest of the answer, in both the cross-entropy and the KL term.
     """
     model = dm.model
     device = next(model.parameters()).device
+    if norms is None:
+        norms = loss_normalizers(rows, n_diffs, first_token_weight)
     batch = collate(rows, pad_id, device)
     rows_pos = _target_positions(rows, device)
     tok_row = rows_pos[0]
@@ -157,14 +185,20 @@ def diff_losses(
     tok_kl = batch.is_kl[tok_row]
     dm.set_row_index(batch.row_index)
     logits = answer_logits(model, batch, rows_pos)  # (n, V)
-    logp = F.log_softmax(logits, dim=-1)
     per_tok = torch.zeros_like(targets, dtype=torch.float32)
     ce_tok = ~tok_kl
-    per_tok[ce_tok] = -logp[ce_tok].gather(1, targets[ce_tok, None])[:, 0]
+    if ce_tok.any():
+        per_tok[ce_tok] = F.cross_entropy(logits[ce_tok], targets[ce_tok], reduction="none")
     if tok_kl.any():
         with torch.no_grad(), dm.diffs_disabled():
-            teacher = F.log_softmax(answer_logits(model, batch, rows_pos)[tok_kl], dim=-1)
-        per_tok[tok_kl] = (teacher.exp() * (teacher - logp[tok_kl])).sum(-1)  # KL(base || diff)
+            kl_rows = batch.is_kl
+            sub = Batch(batch.input_ids[kl_rows], batch.attention_mask[kl_rows], batch.row_index[kl_rows],
+                        kl_rows[kl_rows])
+            remap = torch.cumsum(kl_rows.long(), 0) - 1  # row in batch -> row in sub
+            teacher_pos = (remap[tok_row[tok_kl]], rows_pos[1][tok_kl])
+            teacher = F.log_softmax(answer_logits(model, sub, teacher_pos), dim=-1)
+        per_tok[tok_kl] = F.kl_div(F.log_softmax(logits[tok_kl], dim=-1), teacher, log_target=True,
+                                   reduction="none").sum(-1)  # KL(base || diff)
 
     weight = torch.ones_like(per_tok)
     if first_token_weight != 1.0:
@@ -172,21 +206,47 @@ def diff_losses(
         first[1:] = tok_row[1:] != tok_row[:-1]  # positions are grouped by row, in order
         weight[first] = first_token_weight
 
-    def per_diff_mean(sel: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(n_diffs, device=device).index_add(0, tok_diff[sel], (per_tok * weight)[sel])
-        count = torch.zeros(n_diffs, device=device).index_add(0, tok_diff[sel], weight[sel])
-        return total / count.clamp(min=1e-6)
-
     kinds = [ex.kind for _, ex in rows]
     kind_tok = torch.tensor([["trigger", "no_trigger", "wrong_prefix"].index(k) for k in kinds], device=device)[tok_row]
-    parts = {
-        "ce": per_diff_mean(ce_tok),
-        "kl": per_diff_mean(tok_kl),
-        "kl_no_trigger": per_diff_mean(kind_tok == 1),
-        "kl_wrong_prefix": per_diff_mean(kind_tok == 2),
-    }
+    select = {"ce": ce_tok, "kl": tok_kl, "kl_no_trigger": kind_tok == 1, "kl_wrong_prefix": kind_tok == 2}
+    parts = {}
+    for k, sel in select.items():
+        total = torch.zeros(n_diffs, device=device).index_add(0, tok_diff[sel], (per_tok * weight)[sel])
+        parts[k] = total / norms[k].to(device).clamp(min=1e-6)
     loss = (parts["ce"] + kl_weight * parts["kl"]).sum()
     return loss, {k: v.detach() for k, v in parts.items()}
+
+
+def micro_batches(rows: list[tuple[int, Example]], max_tokens: int) -> list[list[tuple[int, Example]]]:
+    """Split a step's rows into length-sorted micro-batches of at most `max_tokens` padded tokens.
+
+    Rows of all diffs are sorted by kind (cross-entropy rows, then KL rows, so the teacher forward runs
+    on KL rows only) and by length, then packed greedily: sorting removes most padding, the token
+    budget bounds activation memory. A single row longer than the budget gets a micro-batch of its own.
+    """
+    order = sorted(rows, key=lambda r: (r[1].kind != "trigger", len(r[1].ids)))
+    out: list[list[tuple[int, Example]]] = []
+    for r in order:
+        cur = out[-1] if out else None
+        if (cur is not None and (cur[-1][1].kind == "trigger") == (r[1].kind == "trigger")
+                and (len(cur) + 1) * len(r[1].ids) <= max_tokens):
+            cur.append(r)
+        else:
+            out.append([r])
+    return out
+
+
+def train_step(dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, cfg: DiffsConfig, pad_id: int
+               ) -> dict[str, torch.Tensor]:
+    """Forward + backward of one step's rows in micro-batches; gradients accumulate in the factors."""
+    norms = loss_normalizers(rows, n_diffs, cfg.first_token_weight)
+    parts = {k: torch.zeros(n_diffs) for k in PARTS}
+    for mb in micro_batches(rows, cfg.max_batch_tokens):
+        loss, p = diff_losses(dm, mb, n_diffs, cfg.kl_weight, pad_id, cfg.first_token_weight, norms)
+        loss.backward()
+        for k in PARTS:
+            parts[k] += p[k].cpu()
+    return parts
 
 
 def init_factors(
@@ -244,10 +304,8 @@ def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: 
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup_steps)
-        loss, parts = diff_losses(dm, _sample_rows(tasks, rngs, cfg), len(tasks), cfg.kl_weight, pad_id,
-                                  cfg.first_token_weight)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        parts = train_step(dm, _sample_rows(tasks, rngs, cfg), len(tasks), cfg, pad_id)
         opt.step()
         history.append(parts)
         bar.set_postfix({k: f"{v.mean().item():.3f}" for k, v in parts.items() if k != "kl"})

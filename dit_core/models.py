@@ -79,7 +79,10 @@ def compute_context(device: torch.device | str, autocast: str = "auto"):
     use = autocast == "bf16" or (autocast == "auto" and dev == "cpu" and cpu_has_bf16())
     if not use:
         return contextlib.nullcontext()
-    return torch.autocast(dev, dtype=torch.bfloat16)
+    # cache_enabled=False: autocast otherwise caches the bf16 copy of every leaf tensor that requires
+    # grad (the diff factors, the interpreter adapter) until the region ends, so a training loop inside
+    # one region would run every forward with the factors of its first step.
+    return torch.autocast(dev, dtype=torch.bfloat16, cache_enabled=False)
 
 
 def cpu_has_bf16() -> bool:

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from dit_core.config import DiffsConfig
-from dit_core.diff_trainer import DiffTask, Example, diff_losses, init_factors, train_diffs
+from dit_core.diff_trainer import (
+    DiffTask, Example, diff_losses, init_factors, micro_batches, train_diffs, train_step,
+)
 from dit_core.lora import DiffModel, linear_module_names
 
 
@@ -100,6 +102,45 @@ def test_batched_gradients_equal_single_diff_gradients(dm):
             torch.testing.assert_close(gB[k][t : t + 1], sB[k], atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("max_tokens", [16, 40, 10_000])
+def test_micro_batches_give_the_one_batch_gradient(dm, max_tokens):
+    """Length-sorted micro-batches with step-wide normalisers: same loss parts and gradients."""
+    tasks = _tasks(3)
+    rows = [(t, ex) for t, task in enumerate(tasks) for ex in task.trigger + task.kl]
+    mbs = micro_batches(rows, max_tokens)
+    assert sorted(id(ex) for mb in mbs for _, ex in mb) == sorted(id(ex) for _, ex in rows)
+    for mb in mbs:
+        assert len({ex.kind == "trigger" for _, ex in mb}) == 1  # teacher forward only on KL rows
+        assert len(mb) == 1 or len(mb) * max(len(ex.ids) for _, ex in mb) <= max_tokens
+    if max_tokens == 16:
+        assert len(mbs) > 6
+    A, B = init_factors(dm.shapes(), [t.seed for t in tasks], 2, 0.1, "cpu")
+    for k in A:
+        A[k] += 0.05 * torch.randn_like(A[k])
+    cfg = DiffsConfig(kl_weight=5.0, first_token_weight=3.0, max_batch_tokens=max_tokens)
+
+    def run(step):
+        a = {k: v.clone().requires_grad_(True) for k, v in A.items()}
+        b = {k: v.clone().requires_grad_(True) for k, v in B.items()}
+        dm.set_diffs(a, b, scale=1.0)
+        parts = step()
+        dm.clear_diffs()
+        return parts, {k: a[k].grad for k in a}, {k: b[k].grad for k in b}
+
+    def one_batch():
+        loss, parts = diff_losses(dm, rows, 3, 5.0, 2, first_token_weight=3.0)
+        loss.backward()
+        return parts
+
+    p1, gA1, gB1 = run(one_batch)
+    p2, gA2, gB2 = run(lambda: train_step(dm, rows, 3, cfg, pad_id=2))
+    for k in p1:
+        torch.testing.assert_close(p1[k], p2[k], atol=1e-6, rtol=1e-5)
+    for k in gA1:
+        torch.testing.assert_close(gA1[k], gA2[k], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(gB1[k], gB2[k], atol=1e-6, rtol=1e-4)
+
+
 def test_training_lowers_the_loss_and_resets_the_model(dm):
     tasks = _tasks(2)
     cfg = DiffsConfig(rank=1, steps=25, lr=1e-2, trigger_rows=3, wrong_prefix_rows=1, no_trigger_rows=1, warmup_steps=0)
@@ -132,3 +173,27 @@ def test_grouped_rows_equal_per_row_gather(dm):
         gathered = dm.model(ids).logits
     dm.clear_diffs()
     torch.testing.assert_close(grouped, gathered, atol=1e-5, rtol=1e-5)
+
+
+def test_autocast_forward_sees_updated_factors(dm):
+    """Regression: autocast caches bf16 casts of leaf tensors that require grad for the whole region,
+    so without cache_enabled=False a training loop inside one autocast region keeps using the stale
+    factors of its first step while the optimizer moves the real ones."""
+    from dit_core.models import compute_context
+
+    ids = torch.randint(3, 500, (2, 6))
+    A, B = _random_diffs(dm, 2)
+    params = [t.requires_grad_(True) for t in list(A.values()) + list(B.values())]
+    opt = torch.optim.SGD(params, lr=1.0)
+    rows = torch.tensor([0, 1])  # the grouped training path: torch.bmm straight on the leaf factors
+    with compute_context("cpu", "bf16"):
+        dm.set_diffs(A, B, row_index=rows)
+        dm.model(ids).logits.float().pow(2).mean().backward()
+        opt.step()
+        with torch.no_grad():
+            live = dm.model(ids).logits.float()
+            dm.set_diffs({k: v.detach().clone() for k, v in A.items()}, {k: v.detach().clone() for k, v in B.items()},
+                         row_index=rows)
+            fresh = dm.model(ids).logits.float()
+    dm.clear_diffs()
+    torch.testing.assert_close(live, fresh)
