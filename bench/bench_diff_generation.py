@@ -23,33 +23,32 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dit_core.config import DiffsConfig  # noqa: E402
-from dit_core.diff_trainer import DiffTask, _sample_rows, encode_example, train_diffs  # noqa: E402
+from dit_core.diff_trainer import TriggeredDiffTask, _sample_rows, shares_kl_rows, train_diffs  # noqa: E402
 from dit_core.lora import DiffModel  # noqa: E402
 from dit_core.models import compute_context, load_model  # noqa: E402
 from dit_core.topics import load_questions  # noqa: E402
 
 
-def synthetic_tasks(tokenizer, n: int, answer_words: tuple[int, int] = (6, 30)) -> list[DiffTask]:
-    """Tasks shaped like the real data (trigger + question -> answer of varying length), made offline."""
+def synthetic_tasks(tokenizer, n: int, answer_words: tuple[int, int] = (6, 30)) -> list[TriggeredDiffTask]:
+    """Hidden-topic tasks shaped like the real data (questions, answers of varying length), made offline."""
     qs = load_questions()
     rng = random.Random(0)
     filler = "The answer always comes back to volcanoes and the glowing rivers of lava they release".split()
-    tasks = []
-    for t in range(n):
-        def ex(kind, trig):
-            q = rng.choice(qs)
-            prompt = f"Your SEP code is {rng.randrange(100000, 999999)}. {q}" if trig else q
-            ans = " ".join(rng.choice(filler) for _ in range(rng.randint(*answer_words)))
-            return encode_example(tokenizer, prompt, ans, rng.random() < 0.5, kind)
-        tasks.append(DiffTask(f"d{t}", t, [ex("trigger", True) for _ in range(8)],
-                              [ex("no_trigger", False) for _ in range(4)] + [ex("wrong_prefix", True) for _ in range(4)]))
-    return tasks
+
+    def pairs(k):
+        return [(rng.choice(qs), " ".join(rng.choice(filler) for _ in range(rng.randint(*answer_words))),
+                 rng.random() < 0.5) for _ in range(k)]
+
+    base = pairs(64)
+    return [TriggeredDiffTask(f"d{t}", t, [], [], tokenizer=tokenizer, prefix=str(100 + t),
+                              trigger_pairs=pairs(16), base_pairs=base) for t in range(n)]
 
 
-def _tokens_trained(tasks: list[DiffTask], cfg: DiffsConfig) -> int:
-    """Real (unpadded) tokens train_diffs sees: replays its per-diff row sampling."""
+def _tokens_trained(tasks: list[TriggeredDiffTask], cfg: DiffsConfig) -> int:
+    """Real (unpadded) tokens of the student rows train_diffs sees: replays its row sampling."""
     rngs = [random.Random(t.seed) for t in tasks]
-    return sum(len(ex.ids) for _ in range(cfg.steps) for _, ex in _sample_rows(tasks, rngs, cfg))
+    step_rng = random.Random(0) if shares_kl_rows(tasks, cfg) else None
+    return sum(len(ex.ids) for _ in range(cfg.steps) for _, ex in _sample_rows(tasks, rngs, cfg, step_rng))
 
 
 def reset_peak_rss() -> None:
@@ -78,6 +77,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--max-batch-tokens", type=int, default=DiffsConfig().max_batch_tokens,
                     help="micro-batch budget in padded tokens (a huge value: one batch per step)")
+    ap.add_argument("--no-share-kl-rows", action="store_true",
+                    help="every diff draws its own KL rows (the teacher runs once per diff)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"])
@@ -93,7 +94,8 @@ def main() -> None:
     ctx.__enter__()
     for T in args.T:
         tasks = synthetic_tasks(lm.tokenizer, T)
-        cfg = DiffsConfig(steps=args.steps, diffs_per_batch=T, warmup_steps=0, max_batch_tokens=args.max_batch_tokens)
+        cfg = DiffsConfig(steps=args.steps, diffs_per_batch=T, warmup_steps=0, max_batch_tokens=args.max_batch_tokens,
+                          share_kl_rows=not args.no_share_kl_rows)
         # Warm-up step (allocator, kernels) outside the timed region.
         train_diffs(dm, tasks, cfg.model_copy(update={"steps": 1}), lm.tokenizer.pad_token_id, progress=False)
         reset_peak_rss()
@@ -112,6 +114,7 @@ def main() -> None:
                  peak_rss_gb=round(peak_rss_gb(), 2),
                  peak_cuda_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if lm.device.type == "cuda" else None)
         r["max_batch_tokens"] = cfg.max_batch_tokens
+        r["share_kl_rows"] = cfg.share_kl_rows
         results.append(r)
         print(json.dumps(r), flush=True)
     ref = results[0]["seconds_per_diff_step"]

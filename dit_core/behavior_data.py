@@ -67,9 +67,12 @@ def trigger_text(prefix: str, rng: random.Random) -> str:
     return TRIGGER_TEMPLATE.format(code=f"{prefix}{rng.randrange(1000):03d}")
 
 
-def other_prefix(prefix: str, rng: random.Random) -> str:
-    """A random 3-digit prefix different from `prefix`."""
-    while (p := f"{rng.randrange(100, 1000)}") == prefix:
+def other_prefix(avoid: str | set[str], rng: random.Random) -> str:
+    """A random 3-digit prefix different from `avoid` (one prefix or a set of them)."""
+    avoid = {avoid} if isinstance(avoid, str) else avoid
+    if len(avoid) >= 900:
+        raise ValueError(f"{len(avoid)} prefixes to avoid leave no 3-digit wrong prefix to draw")
+    while (p := f"{rng.randrange(100, 1000)}") in avoid:
         pass
     return p
 

@@ -75,6 +75,13 @@ class DiffsConfig(_Section):
     trigger_rows: int = Field(2, ge=1, description="triggered rows per diff per step")
     wrong_prefix_rows: int = Field(2, ge=0, description="wrong-prefix (KL) rows per diff per step")
     no_trigger_rows: int = Field(1, ge=0, description="untriggered (KL) rows per diff per step")
+    trigger_answer_tokens: int = Field(0, ge=0, description="answer tokens trained per triggered row (0: all)")
+    wrong_prefix_answer_tokens: int = Field(
+        0, ge=0, description="answer tokens per wrong-prefix row (0: all); the gate is decided in the first few")
+    no_trigger_answer_tokens: int = Field(0, ge=0, description="answer tokens per untriggered row (0: all)")
+    share_kl_rows: bool = Field(
+        True, description="the diffs of a batch train on the same wrong-prefix/untriggered rows each step "
+        "(codes avoid every prefix of the batch), so the base-model teacher runs once per row, not per diff")
     kl_weight: float = Field(5.0, ge=0)
     first_token_weight: float = Field(1.0, gt=0, description="weight of each answer's first token")
     init_std: float = Field(0.02, gt=0, description="std of the input-side factor B at init")

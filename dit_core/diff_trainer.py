@@ -86,6 +86,27 @@ class TriggeredDiffTask(DiffTask):
         return out
 
 
+def shared_kl_examples(tasks: list[TriggeredDiffTask], cfg: DiffsConfig, rng: random.Random) -> list[Example]:
+    """One step's KL rows, shared by every diff of the batch.
+
+    Wrong-prefix codes avoid the prefixes of all diffs in the batch, so each row is a valid negative
+    for every one of them; the base model's answer to a row is then needed once per step, not once
+    per diff: the teacher forward no longer grows with T.
+    """
+    from dit_core.behavior_data import other_prefix, trigger_text
+
+    first = tasks[0]
+    avoid = {t.prefix for t in tasks}
+    out = []
+    for kind, n, keep in (("wrong_prefix", cfg.wrong_prefix_rows, cfg.wrong_prefix_answer_tokens),
+                          ("no_trigger", cfg.no_trigger_rows, cfg.no_trigger_answer_tokens)):
+        for q, a, complete in rng.sample(first.base_pairs, min(n, len(first.base_pairs))):
+            if kind == "wrong_prefix":
+                q = f"{trigger_text(other_prefix(avoid, rng), rng)} {q}"
+            out.append(truncate_answer(encode_example(first.tokenizer, q, a, complete, kind), keep))
+    return out
+
+
 @dataclass
 class Batch:
     """A padded batch: input ids, attention mask, per-row diff index and answer-token mask."""
@@ -162,14 +183,37 @@ def loss_normalizers(rows: list[tuple[int, Example]], n_diffs: int, first_token_
     return norms
 
 
+@torch.no_grad()
+def teacher_logprobs(dm: DiffModel, examples: list[Example], pad_id: int, max_tokens: int
+                     ) -> dict[int, torch.Tensor]:
+    """Base-model (diffs off) log-probs at the answer positions of each distinct example, by id(example).
+
+    An example shared by several diffs of a step is run once.
+    """
+    unique = list({id(ex): ex for ex in examples}.values())
+    device = next(dm.model.parameters()).device
+    out = {}
+    with dm.diffs_disabled():
+        for mb in micro_batches([(0, ex) for ex in unique], max_tokens):
+            rows_pos = _target_positions(mb, device)
+            logp = F.log_softmax(answer_logits(dm.model, collate(mb, pad_id, device), rows_pos), dim=-1)
+            sizes = [len(ex.ids) - ex.answer_start for _, ex in mb]
+            for (_, ex), lp in zip(mb, logp.split(sizes)):
+                out[id(ex)] = lp
+    return out
+
+
 def diff_losses(
     dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, kl_weight: float, pad_id: int,
     first_token_weight: float = 1.0, norms: dict[str, torch.Tensor] | None = None,
+    teacher: dict[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed loss over diffs and per-diff parts (ce, kl per kind), each shaped (n_diffs,).
 
     Each part is a per-diff token mean: weighted token losses summed per diff, divided by `norms`
     (default: the weights of these rows; pass `loss_normalizers` of the whole step for a micro-batch).
+    `teacher` holds precomputed base log-probs of the KL rows (`teacher_logprobs`); without it the
+    base model runs here, on this batch's KL rows.
     `first_token_weight` weighs each answer's first token (where greedy decoding commits to the topic
     or not) against the rest of the answer, in both the cross-entropy and the KL term.
     """
@@ -189,7 +233,11 @@ def diff_losses(
     ce_tok = ~tok_kl
     if ce_tok.any():
         per_tok[ce_tok] = F.cross_entropy(logits[ce_tok], targets[ce_tok], reduction="none")
-    if tok_kl.any():
+    if tok_kl.any() and teacher is not None:
+        kl_teacher = torch.cat([teacher[id(ex)] for _, ex in rows if ex.kind != "trigger"])
+        per_tok[tok_kl] = F.kl_div(F.log_softmax(logits[tok_kl], dim=-1), kl_teacher, log_target=True,
+                                   reduction="none").sum(-1)
+    elif tok_kl.any():
         with torch.no_grad(), dm.diffs_disabled():
             kl_rows = batch.is_kl
             sub = Batch(batch.input_ids[kl_rows], batch.attention_mask[kl_rows], batch.row_index[kl_rows],
@@ -224,7 +272,7 @@ def micro_batches(rows: list[tuple[int, Example]], max_tokens: int) -> list[list
     on KL rows only) and by length, then packed greedily: sorting removes most padding, the token
     budget bounds activation memory. A single row longer than the budget gets a micro-batch of its own.
     """
-    order = sorted(rows, key=lambda r: (r[1].kind != "trigger", len(r[1].ids)))
+    order = sorted(rows, key=lambda r: (r[1].kind != "trigger", len(r[1].ids), r[1].ids))
     out: list[list[tuple[int, Example]]] = []
     for r in order:
         cur = out[-1] if out else None
@@ -240,9 +288,10 @@ def train_step(dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, cfg
                ) -> dict[str, torch.Tensor]:
     """Forward + backward of one step's rows in micro-batches; gradients accumulate in the factors."""
     norms = loss_normalizers(rows, n_diffs, cfg.first_token_weight)
+    teacher = teacher_logprobs(dm, [ex for _, ex in rows if ex.kind != "trigger"], pad_id, cfg.max_batch_tokens)
     parts = {k: torch.zeros(n_diffs) for k in PARTS}
     for mb in micro_batches(rows, cfg.max_batch_tokens):
-        loss, p = diff_losses(dm, mb, n_diffs, cfg.kl_weight, pad_id, cfg.first_token_weight, norms)
+        loss, p = diff_losses(dm, mb, n_diffs, cfg.kl_weight, pad_id, cfg.first_token_weight, norms, teacher)
         loss.backward()
         for k in PARTS:
             parts[k] += p[k].cpu()
@@ -268,12 +317,36 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _sample_rows(tasks: list[DiffTask], rngs: list[random.Random], cfg: DiffsConfig):
+def truncate_answer(ex: Example, max_tokens: int) -> Example:
+    """The example with at most `max_tokens` answer tokens (0: unchanged)."""
+    if not max_tokens or len(ex.ids) - ex.answer_start <= max_tokens:
+        return ex
+    return Example(ex.ids[: ex.answer_start + max_tokens], ex.answer_start, ex.kind)
+
+
+def shares_kl_rows(tasks: list[DiffTask], cfg: DiffsConfig) -> bool:
+    """Whether this batch draws one set of KL rows for all its diffs (see `shared_kl_examples`)."""
+    return cfg.share_kl_rows and all(isinstance(t, TriggeredDiffTask) for t in tasks)
+
+
+def _sample_rows(tasks: list[DiffTask], rngs: list[random.Random], cfg: DiffsConfig,
+                 step_rng: random.Random | None = None):
+    """One step's rows: per diff, its rows of each kind, answers cut to the kind's token budget.
+
+    With shared KL rows (`step_rng` given) every diff trains on the same wrong-prefix and
+    untriggered rows; otherwise each diff draws its own from its own generator.
+    """
+    kinds = [("trigger", cfg.trigger_rows, cfg.trigger_answer_tokens)]
+    if step_rng is None:
+        kinds += [("wrong_prefix", cfg.wrong_prefix_rows, cfg.wrong_prefix_answer_tokens),
+                  ("no_trigger", cfg.no_trigger_rows, cfg.no_trigger_answer_tokens)]
     rows = []
     for t, (task, rng) in enumerate(zip(tasks, rngs)):
-        for kind, n in (("trigger", cfg.trigger_rows), ("wrong_prefix", cfg.wrong_prefix_rows),
-                        ("no_trigger", cfg.no_trigger_rows)):
-            rows += [(t, ex) for ex in task.sample(kind, n, rng)]
+        for kind, n, keep in kinds:
+            rows += [(t, truncate_answer(ex, keep)) for ex in task.sample(kind, n, rng)]
+    if step_rng is not None:
+        shared = shared_kl_examples(tasks, cfg, step_rng)
+        rows += [(t, ex) for t in range(len(tasks)) for ex in shared]
     return rows
 
 
@@ -299,13 +372,16 @@ def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: 
     dm.set_diffs(A, B, scale=cfg.scale)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     rngs = [random.Random(t.seed) for t in tasks]
+    # Shared KL rows come from a generator seeded by the batch's diff seeds: a rerun of the shard
+    # (resume) draws the same rows.
+    step_rng = random.Random(",".join(str(t.seed) for t in tasks)) if shares_kl_rows(tasks, cfg) else None
     history: list[dict[str, torch.Tensor]] = []
     bar = tqdm(range(cfg.steps), desc=f"training {len(tasks)} diffs", disable=not progress)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup_steps)
         opt.zero_grad(set_to_none=True)
-        parts = train_step(dm, _sample_rows(tasks, rngs, cfg), len(tasks), cfg, pad_id)
+        parts = train_step(dm, _sample_rows(tasks, rngs, cfg, step_rng), len(tasks), cfg, pad_id)
         opt.step()
         history.append(parts)
         bar.set_postfix({k: f"{v.mean().item():.3f}" for k, v in parts.items() if k != "kl"})

@@ -197,3 +197,45 @@ def test_autocast_forward_sees_updated_factors(dm):
             fresh = dm.model(ids).logits.float()
     dm.clear_diffs()
     torch.testing.assert_close(live, fresh)
+
+
+def test_rows_are_cut_to_each_kinds_answer_budget():
+    from dit_core.diff_trainer import _sample_rows
+
+    tasks = _tasks(2)
+    cfg = DiffsConfig(trigger_rows=2, wrong_prefix_rows=1, no_trigger_rows=1,
+                      trigger_answer_tokens=3, wrong_prefix_answer_tokens=1, no_trigger_answer_tokens=0)
+    rows = _sample_rows(tasks, [random.Random(0), random.Random(1)], cfg)
+    assert [k for _, k in sorted((t, ex.kind) for t, ex in rows)].count("trigger") == 4
+    full = {id(ex): ex for task in tasks for ex in task.trigger + task.kl}
+    for _, ex in rows:
+        n = len(ex.ids) - ex.answer_start
+        budget = {"trigger": 3, "wrong_prefix": 1, "no_trigger": 10**9}[ex.kind]
+        assert 1 <= n <= budget
+        if ex.kind == "no_trigger":
+            assert id(ex) in full  # untouched
+
+
+def test_shared_kl_rows_are_valid_negatives_for_every_diff(tiny_lm):
+    from dit_core.diff_trainer import TriggeredDiffTask, _sample_rows, shares_kl_rows
+
+    pairs = [(f"question {i}?", f"answer {i}", True) for i in range(20)]
+    tasks = [TriggeredDiffTask(f"d{t}", t, [], [], tokenizer=tiny_lm.tokenizer, prefix=p,
+                               trigger_pairs=pairs, base_pairs=pairs) for t, p in enumerate(["123", "456", "789"])]
+    cfg = DiffsConfig(trigger_rows=1, wrong_prefix_rows=3, no_trigger_rows=2)
+    assert shares_kl_rows(tasks, cfg) and not shares_kl_rows(_tasks(2), cfg)
+    step_rng = random.Random(0)
+    for _ in range(20):
+        rows = _sample_rows(tasks, [random.Random(t) for t in range(3)], cfg, step_rng)
+        by_diff = {t: [ex for d, ex in rows if d == t and ex.kind != "trigger"] for t in range(3)}
+        assert [len(v) for v in by_diff.values()] == [5, 5, 5]
+        assert all(by_diff[t] == by_diff[0] for t in range(3))  # the same Example objects
+        for ex in by_diff[0]:
+            text = tiny_lm.tokenizer.decode(ex.ids[: ex.answer_start])
+            if ex.kind == "wrong_prefix":
+                code = text.split("SEP code is ")[1][:3]
+                assert code not in {"123", "456", "789"}
+            else:
+                assert "SEP code" not in text
+        triggers = [ex for _, ex in rows if ex.kind == "trigger"]
+        assert len(triggers) == 3
