@@ -57,8 +57,16 @@ def assemble(diff_dirs: list[str | Path], out_dir: str | Path, cfg: AssembleConf
         raise ValueError(f"diff ids appear in more than one manifest: {dup[:5]}; give each run its own ids")
     keep = df.filter(_passes(df, cfg))
     dropped = df.filter(~_passes(df, cfg)).with_columns(split=pl.lit("dropped"))
+    if cfg.split_by == "topic":
+        split = _assign(keep["label"].unique().to_list(), cfg)
+    else:  # stratified: each topic's diffs are split on their own, so test topics are seen in training
+        split = {}
+        for (label,), group in sorted(keep.partition_by("label", as_dict=True).items()):
+            ids = group["diff_id"].to_list()
+            split |= _assign(ids, cfg) if len(ids) > 1 else {ids[0]: "train"}
+        if "test" not in split.values():
+            raise ValueError("no topic has two or more kept diffs: split_by=diff needs data.diffs_per_topic >= 2")
     key = "label" if cfg.split_by == "topic" else "diff_id"
-    split = _assign(keep[key].unique().to_list(), cfg)
     keep = keep.with_columns(split=pl.col(key).replace_strict(split, return_dtype=pl.String))
     out = validate(pl.concat([keep, dropped]).sort("diff_id"), DitDataset, "dit dataset")
     write_parquet_atomic(out, Path(out_dir) / "dataset.parquet")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -35,6 +35,11 @@ class ModelConfig(_Section):
     # Mixed precision for matmuls (weights stay in `dtype`). auto: bf16 autocast on a CPU with native
     # bf16 (measured 2.2x faster forward+backward on SmolLM2 here), nothing extra on CUDA (bf16 weights).
     autocast: Literal["auto", "bf16", "off"] = "auto"
+
+    @field_validator("autocast", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
 
 
 class DataConfig(_Section):

@@ -360,8 +360,13 @@ class TrainResult:
 
 
 def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: int,
-                progress: bool = True) -> TrainResult:
-    """Train len(tasks) diffs together; each diff's data order and init depend only on its own seed."""
+                progress: bool = True, on_step=None) -> TrainResult:
+    """Train len(tasks) diffs together.
+
+    Each diff's init and triggered rows depend only on its own seed; its KL rows too, unless the batch
+    shares them (`diffs.share_kl_rows`). `on_step(step, A, B)`, if given, runs after every optimizer
+    step (e.g. a behaviour check during a recipe trial); it may install other diffs.
+    """
     device = next(dm.model.parameters()).device
     A, B = init_factors(dm.shapes(), [t.seed for t in tasks], cfg.rank, cfg.init_std, device)
     params = []
@@ -383,6 +388,9 @@ def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: 
         opt.zero_grad(set_to_none=True)
         parts = train_step(dm, _sample_rows(tasks, rngs, cfg, step_rng), len(tasks), cfg, pad_id)
         opt.step()
+        if on_step is not None:
+            on_step(step + 1, A, B)
+            dm.set_diffs(A, B, scale=cfg.scale)
         history.append(parts)
         bar.set_postfix({k: f"{v.mean().item():.3f}" for k, v in parts.items() if k != "kl"})
     tail = history[-min(5, len(history)):]

@@ -27,7 +27,7 @@ def tiny_lm(tiny_model_dir):
 def tiny_overrides(model_dir, data_dir) -> list[str]:
     """Params for a seconds-long run on the tiny model with template answers."""
     return [
-        "model.source=local", f"model.id={model_dir}", f"paths.data={data_dir}",
+        "model.source=local", f"model.id={model_dir}", f"paths.data={data_dir}", "model.autocast=off",
         "data.n_topics=3", "data.diffs_per_topic=2", "data.answer_mode=template",
         "data.n_trigger=6", "data.n_no_trigger=4", "data.n_wrong_prefix=4", "data.n_check=2",
         "data.n_heldout_questions=8", "data.answer_tokens=8",

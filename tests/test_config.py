@@ -38,3 +38,9 @@ def test_parse_override():
     assert parse_override("a=null") == ("a", None)
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("nokey")
+
+
+def test_bare_off_means_off():
+    from dit_core.config import load_params
+
+    assert load_params(None, ["model.autocast=off"]).model.autocast == "off"
