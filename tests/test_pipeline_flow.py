@@ -22,7 +22,7 @@ def test_pipeline_flow_end_to_end(prefect_server, params, tmp_path):
 
     out = pipeline_flow(params)
     assert out["generate-diffs"]["n_diffs"] == 6
-    assert out["assemble"]["test"] == 2
+    assert out["assemble"]["test"] == 3  # stratified split_by diff: one held-out diff of each of 3 topics
     assert out["evaluate"]["champion"]["promoted"] is True
     reports = tmp_path / "reports"
     for f in ("metrics.json", "predictions.parquet", "table.md", "scores.png", "training_curve.png"):
