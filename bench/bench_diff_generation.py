@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--model", default="data/models/smollm2-135m-instruct")
     ap.add_argument("--tiny", action="store_true", help="use a tiny random model (smoke test)")
     ap.add_argument("--T", type=int, nargs="+", default=[1, 8, 16])
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--max-batch-tokens", type=int, default=DiffsConfig().max_batch_tokens,
                     help="micro-batch budget in padded tokens (a huge value: one batch per step)")
     ap.add_argument("--no-share-kl-rows", action="store_true",
