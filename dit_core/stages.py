@@ -9,6 +9,7 @@ Prefect tasks (tasks/) and the CLI (flows/cli.py) call these; nothing here knows
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from dit_core.behavior_data import BEHAVIOR, make_hidden_topic_data
 from dit_core.config import Params
+from dit_core.io import write_json_atomic
 from dit_core.models import compute_context, fetch_model, load_model, model_dir
 
 log = logging.getLogger(__name__)
@@ -52,14 +54,42 @@ def run_download(p: Params) -> dict:
     return {"model_dir": str(path), "fetched": fetched, "seconds": round(time.time() - t0, 1), "message": msg}
 
 
+MADE_WITH = "made_with.json"
+BEHAVIOR_FILES = ("diffs.parquet", "samples.parquet", "questions.parquet", "stats.json")
+
+
+def _made_with(p: Params) -> dict:
+    """What the behaviour data depends on: the data section and which base model answered."""
+    return {"data": p.data.model_dump(), "model": p.model.model_dump(include={"source", "id", "revision"})}
+
+
 def run_make_data(p: Params) -> dict:
-    """Write the hidden-topic behaviour data (answers distilled from the base model)."""
+    """Write the hidden-topic behaviour data (answers distilled from the base model).
+
+    A rerun with the same data settings and model does nothing and says so; changed settings
+    regenerate the data (and say which changed).
+    """
     paths = stage_paths(p)
+    made_with = _made_with(p)
+    record = paths.behavior / MADE_WITH
+    if record.exists() and all((paths.behavior / f).exists() for f in BEHAVIOR_FILES):
+        old = json.loads(record.read_text())
+        if old == made_with:
+            stats = json.loads((paths.behavior / "stats.json").read_text())
+            msg = f"{paths.behavior} already holds this behaviour data; nothing to do"
+            log.info(msg)
+            return stats | {"skipped": True, "message": msg}
+        changed = sorted(f"{sec}.{k}" for sec in made_with for k in made_with[sec]
+                         if old.get(sec, {}).get(k) != made_with[sec][k])
+        log.warning("behaviour data settings changed (%s): regenerating %s", ", ".join(changed), paths.behavior)
+    record.unlink(missing_ok=True)  # until the new data is complete, no record vouches for the files
     lm = None if p.data.answer_mode == "template" else load_model(paths.model, p.model.device, p.model.dtype)
     t0 = time.time()
     with compute_context(lm.device if lm else "cpu", p.model.autocast):
         stats = make_hidden_topic_data(p.data, paths.behavior, lm and lm.model, lm and lm.tokenizer)
     stats["seconds"] = round(time.time() - t0, 1)
+    write_json_atomic(paths.behavior / "stats.json", stats)
+    write_json_atomic(record, made_with)  # last: the commit point of a complete run
     log.info("behaviour data: %d diffs, %d samples, kept fraction %.2f -> %s", stats["n_diffs"],
              stats["n_samples"], stats["kept_fraction"], paths.behavior)
     return stats

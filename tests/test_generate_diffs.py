@@ -39,6 +39,22 @@ def test_make_data_writes_valid_samples(params):
     assert not train_q & check_q
 
 
+def test_make_data_rerun_skips_unless_settings_change(params, caplog):
+    first = run_make_data(params)
+    paths = stage_paths(params)
+    mtime = (paths.behavior / "samples.parquet").stat().st_mtime_ns
+    again = run_make_data(params)
+    assert again["skipped"] and "nothing to do" in again["message"]
+    assert again["n_samples"] == first["n_samples"]
+    assert (paths.behavior / "samples.parquet").stat().st_mtime_ns == mtime  # not rewritten
+    changed = params.model_copy(update={"data": params.data.model_copy(update={"n_check": 3})})
+    with caplog.at_level("WARNING"):
+        third = run_make_data(changed)
+    assert "skipped" not in third and "data.n_check" in caplog.text
+    n_check = read_validated(paths.behavior / "samples.parquet", Sample).filter(pl.col("kind") == "check_trigger")
+    assert n_check.height == 6 * 3
+
+
 def test_generate_resume_and_refuse(params, tiny_model_dir):
     run_make_data(params)
     paths = stage_paths(params)
