@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -233,19 +234,12 @@ def diff_losses(
     ce_tok = ~tok_kl
     if ce_tok.any():
         per_tok[ce_tok] = F.cross_entropy(logits[ce_tok], targets[ce_tok], reduction="none")
-    if tok_kl.any() and teacher is not None:
-        kl_teacher = torch.cat([teacher[id(ex)] for _, ex in rows if ex.kind != "trigger"])
+    if tok_kl.any():
+        kl_examples = [ex for _, ex in rows if ex.kind != "trigger"]
+        if teacher is None:  # one batch of this batch's KL rows, diffs off
+            teacher = teacher_logprobs(dm, kl_examples, pad_id, max_tokens=sys.maxsize)
+        kl_teacher = torch.cat([teacher[id(ex)] for ex in kl_examples])
         per_tok[tok_kl] = F.kl_div(F.log_softmax(logits[tok_kl], dim=-1), kl_teacher, log_target=True,
-                                   reduction="none").sum(-1)
-    elif tok_kl.any():
-        with torch.no_grad(), dm.diffs_disabled():
-            kl_rows = batch.is_kl
-            sub = Batch(batch.input_ids[kl_rows], batch.attention_mask[kl_rows], batch.row_index[kl_rows],
-                        kl_rows[kl_rows])
-            remap = torch.cumsum(kl_rows.long(), 0) - 1  # row in batch -> row in sub
-            teacher_pos = (remap[tok_row[tok_kl]], rows_pos[1][tok_kl])
-            teacher = F.log_softmax(answer_logits(model, sub, teacher_pos), dim=-1)
-        per_tok[tok_kl] = F.kl_div(F.log_softmax(logits[tok_kl], dim=-1), teacher, log_target=True,
                                    reduction="none").sum(-1)  # KL(base || diff)
 
     weight = torch.ones_like(per_tok)

@@ -88,7 +88,6 @@ def run_make_data(p: Params) -> dict:
     with compute_context(lm.device if lm else "cpu", p.model.autocast):
         stats = make_hidden_topic_data(p.data, paths.behavior, lm and lm.model, lm and lm.tokenizer)
     stats["seconds"] = round(time.time() - t0, 1)
-    write_json_atomic(paths.behavior / "stats.json", stats)
     write_json_atomic(record, made_with)  # last: the commit point of a complete run
     log.info("behaviour data: %d diffs, %d samples, kept fraction %.2f -> %s", stats["n_diffs"],
              stats["n_samples"], stats["kept_fraction"], paths.behavior)
