@@ -137,3 +137,30 @@ def run_evaluate(p: Params, interpreter: str | Path | None = None) -> dict:
     with compute_context(lm.device, p.model.autocast):
         return evaluate(p, lm, dataset_dir(p), interpreter or interpreter_dir(p),
                         paths.behavior / "questions.parquet", paths.reports)
+
+
+def scaling_dir(p: Params) -> Path:
+    return Path(p.paths.reports) / "scaling"
+
+
+def run_scaling(p: Params, sizes: str | None = None, on_point=None) -> dict:
+    """The data-scaling curve on the assembled dataset: one interpreter per training-set size.
+
+    sizes: e.g. "16,32,all" (default: 8, 16, 32, ... and the whole train split). Writes reports/scaling/.
+    """
+    import polars as pl
+
+    from dit_core.scaling import parse_sizes, public, scaling_curve
+
+    paths = stage_paths(p)
+    ds = dataset_dir(p)
+    if not (ds / "dataset.parquet").exists():
+        raise FileNotFoundError(f"{ds / 'dataset.parquet'} is missing; run `dit stage assemble` first")
+    n_train = pl.read_parquet(ds / "dataset.parquet").filter(pl.col("split") == "train").height
+    size_list = parse_sizes(sizes, n_train) if sizes else None
+    lm = load_model(paths.model, p.model.device, p.model.dtype)
+    out = scaling_dir(p)
+    with compute_context(lm.device, p.model.autocast):
+        points = scaling_curve(p, lm, ds, out, size_list, paths.behavior / "questions.parquet", on_point=on_point)
+    return {"points": [public(pt) for pt in points],
+            "table": (out / "scaling.md").read_text(), "dir": str(out)}

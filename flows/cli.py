@@ -3,6 +3,7 @@
     dit run                                  # the whole pipeline (Prefect flow)
     dit stage download                       # one stage: download | make-data | generate-diffs
     dit stage make-data --set data.n_topics=16
+    dit scaling --sizes 16,32,all            # held-out score against training diffs
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ def _load(params_file: str, overrides: Optional[list[str]]) -> dict:
         raise typer.Exit(EXIT_CONFIG) from None
 
 
-def _run_flow(flow, params: dict) -> dict:
+def _run_flow(flow, params: dict, **kwargs) -> dict:
     try:
-        return flow(params)
+        return flow(params, **kwargs)
     except Exception as e:  # the flow already logged the traceback; say it plainly and exit non-zero
         typer.secho(f"error: {type(e).__name__}: {e}", fg="red", err=True)
         raise typer.Exit(EXIT_FAILED) from None
@@ -197,6 +198,34 @@ def export_peft_cmd(
         raise typer.Exit(EXIT_FAILED) from None
     export_peft(shard, 0, out, str(stage_paths(p).model.resolve()))
     typer.echo(f"wrote PEFT adapter {out}")
+
+
+@app.command()
+def scaling(
+    sizes: str = typer.Option(None, "--sizes", help="training-set sizes, e.g. 16,32,all (default: 8, 16, 32, ..., all)"),
+    params_file: str = ParamsOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """The data-scaling curve: train one interpreter per number of training diffs (nested subsets of the
+    assembled train split) and score DIT on the test split; writes reports/scaling/.
+
+    Examples:
+      dit scaling --sizes 16,32,all
+      dit scaling --sizes 125,250,500,1000 --set interpreter.epochs=20
+    """
+    from dit_core.scaling import parse_sizes
+    from flows.pipeline import scaling_flow
+
+    if sizes is not None:
+        try:
+            parse_sizes(sizes, n_train=10**9)
+        except ValueError as e:
+            typer.secho(f"error: {e}", fg="red", err=True)
+            raise typer.Exit(EXIT_CONFIG) from None
+    params = _load(params_file, set_)
+    result = _run_flow(scaling_flow, params, sizes=sizes)
+    typer.echo(result["table"])
+    typer.echo(f"written to {result['dir']}")
 
 
 @app.command()

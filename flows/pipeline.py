@@ -51,6 +51,12 @@ def evaluate_flow(params: dict) -> dict:
     return t.evaluate(params)
 
 
+@flow(name="scaling-curve")
+def scaling_flow(params: dict, sizes: str | None = None) -> dict:
+    """Held-out DIT score against training diffs: one interpreter per size on the assembled dataset."""
+    return t.scaling(params, sizes)
+
+
 STAGE_FLOWS = {
     "download": download_flow,
     "make-data": make_data_flow,

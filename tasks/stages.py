@@ -149,3 +149,20 @@ def evaluate(params: dict, parent_run_id: str | None = None) -> dict:
             logging.getLogger("dit_core.tracking").info("champion gate: %s", gate["reason"])
             out["champion"] = gate
         return out
+
+
+@task(name="scaling", cache_policy=NO_CACHE)
+def scaling(params: dict, sizes: str | None = None, parent_run_id: str | None = None) -> dict:
+    """The data-scaling curve: one interpreter per training-set size; metrics logged with step = n_train."""
+    from dit_core.stages import run_scaling
+    from tasks.tracking import stage_run
+
+    with stage_run(params, "scaling", parent_run_id) as run:
+        def on_point(pt: dict) -> None:
+            run.log_metrics({f"dit.{k}": pt[k] for k in ("top1", "top5", "mrr", "exact", "contains")
+                             if isinstance(pt.get(k), (int, float))}, step=pt["n_train"])
+
+        out = run_scaling(_params(params), sizes, on_point=on_point)
+        for f in ("scaling.json", "scaling.md", "scaling.png"):
+            run.log_artifact(f"{out['dir']}/{f}")
+        return out
