@@ -83,20 +83,24 @@ def make_diff_specs(cfg: DataConfig) -> pl.DataFrame:
     if cfg.n_topics > topics.height:
         raise ValueError(f"data.n_topics={cfg.n_topics} but the topics file has only {topics.height}")
     n_diffs = cfg.n_topics * cfg.diffs_per_topic
-    if n_diffs > 900:
-        raise ValueError(f"{n_diffs} diffs need unique 3-digit trigger prefixes; at most 900 exist")
     rng = random.Random(cfg.seed)
     chosen = topics.sample(n=cfg.n_topics, seed=cfg.seed, shuffle=True)
-    prefixes = rng.sample(range(100, 1000), n_diffs)
+    # Unique 3-digit prefixes while they last (900); beyond that they repeat every 900 diffs, so any
+    # 900 consecutive diffs (and so every shard, whose wrong-prefix codes avoid its diffs' prefixes)
+    # still have distinct ones. Each diff is trained on its own, so a repeat elsewhere is harmless.
+    perm = rng.sample(range(100, 1000), min(n_diffs, 900))
+    prefixes = [perm[k % len(perm)] for k in range(n_diffs)]
     rows = []
     for i, (category, topic) in enumerate(chosen.iter_rows()):
         for j in range(cfg.diffs_per_topic):
-            k = i * cfg.diffs_per_topic + j
+            # topic order: a topic's diffs are neighbours; round order: diff j of every topic comes
+            # before diff j+1 of any, so a partial run (the first shards) covers as many topics as it can
+            k = i * cfg.diffs_per_topic + j if cfg.diff_order == "topic" else j * cfg.n_topics + i
             rows.append(
                 dict(diff_id=f"ht{k:05d}", behavior=BEHAVIOR, category=category, topic=topic,
                      trigger_prefix=str(prefixes[k]), seed=cfg.seed * 100_003 + k)
             )
-    return validate(pl.DataFrame(rows), DiffSpec, "diff specs")
+    return validate(pl.DataFrame(rows).sort("diff_id"), DiffSpec, "diff specs")
 
 
 def _topic_answers(

@@ -47,6 +47,9 @@ class DataConfig(_Section):
 
     n_topics: int = Field(16, ge=1)
     diffs_per_topic: int = Field(1, ge=1)
+    diff_order: Literal["topic", "round"] = Field(
+        "topic", description="order of diff ids (and so shards): a topic's diffs together, or round-robin "
+        "over topics (a run stopped early then covers the most topics)")
     topics_file: str | None = None  # CSV with columns category,topic; default: packaged list
     questions_file: str | None = None  # one question per line; default: packaged list
     n_trigger: int = Field(24, ge=1, description="triggered training samples per diff")

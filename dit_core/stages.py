@@ -60,7 +60,10 @@ BEHAVIOR_FILES = ("diffs.parquet", "samples.parquet", "questions.parquet", "stat
 
 def _made_with(p: Params) -> dict:
     """What the behaviour data depends on: the data section and which base model answered."""
-    return {"data": p.data.model_dump(), "model": p.model.model_dump(include={"source", "id", "revision"})}
+    data = p.data.model_dump()
+    if data["diff_order"] == "topic":  # the order before the option existed: old records stay valid
+        del data["diff_order"]
+    return {"data": data, "model": p.model.model_dump(include={"source", "id", "revision"})}
 
 
 def run_make_data(p: Params) -> dict:

@@ -89,3 +89,28 @@ def _overrides(p):
     return ["model.source=local", f"model.id={p.model.id}", f"paths.data={p.paths.data}"] + [
         f"data.{k}={v}" for k, v in p.data.model_dump().items() if v is not None] + [
         f"diffs.{k}={v}" for k, v in p.diffs.model_dump().items() if v is not None and k != "modules"]
+
+
+def test_diff_specs_order_and_prefixes_beyond_900():
+    from dit_core.behavior_data import make_diff_specs
+    from dit_core.config import DataConfig
+
+    topic = make_diff_specs(DataConfig(n_topics=4, diffs_per_topic=3))
+    rnd = make_diff_specs(DataConfig(n_topics=4, diffs_per_topic=3, diff_order="round"))
+    assert topic["diff_id"].to_list() == rnd["diff_id"].to_list() == [f"ht{k:05d}" for k in range(12)]
+    # topic order: ids 0-2 share a topic; round order: the first 4 ids are 4 different topics
+    assert topic["topic"][:3].n_unique() == 1 and rnd["topic"][:4].n_unique() == 4
+    assert sorted(topic["topic"].to_list()) == sorted(rnd["topic"].to_list())
+    # 1,200 diffs: prefixes repeat only 900 diffs apart, so any 900 consecutive diffs have distinct ones
+    big = make_diff_specs(DataConfig(n_topics=600, diffs_per_topic=2, diff_order="round"))
+    pre = big["trigger_prefix"].to_list()
+    assert len(pre) == 1200 and len(set(pre[:900])) == 900 and len(set(pre[300:1200])) == 900
+    assert pre[900:] == pre[:300]
+
+
+def test_diff_order_topic_keeps_old_records(params):
+    from dit_core.stages import _made_with
+
+    assert "diff_order" not in _made_with(params)["data"]
+    assert _made_with(params.model_copy(update={"data": params.data.model_copy(
+        update={"diff_order": "round"})}))["data"]["diff_order"] == "round"

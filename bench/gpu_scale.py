@@ -1,0 +1,178 @@
+"""The paper's setting at scale inside a fixed time box (one GPU lease), without Prefect or MLflow.
+
+bench/paper_scale.sh is the recipe for a GPU you hold for as long as it takes (`dit run`, then
+`dit scaling`, tracked in MLflow). A lent GPU comes with minutes, not hours, and without the
+orchestration packages, so this driver calls the same stage functions directly and spends a wall-clock
+budget: behaviour data for every topic, then diff shards until `--diffs-until` seconds have passed (a
+shard is started only if the last one's time still fits), then assemble (paper's setting: split by
+topic) and the data-scaling curve, ending early when the next point would not fit `--deadline`.
+Every step appends to `<out>/progress.json`, so whatever finished survives a kill.
+
+    python bench/gpu_scale.py --out reports/gpu_scale --deadline 480 --diffs-until 300 \\
+        --set model.source=gguf --set model.id=SmolLM2-135M-Instruct.Q4_1.gguf
+
+`--set` overrides go on top of the paper-setting list below (they win). A rerun resumes: finished
+shards and scaling points are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The paper's setting (as bench/paper_scale.sh and the README's CPU run), sized for a GPU: 600 topics x 3
+# diffs in round-robin order (a run stopped early covers as many topics as it can), 64 diffs per step.
+PAPER_SETTING = [
+    "data.n_topics=600", "data.diffs_per_topic=3", "data.diff_order=round", "data.n_trigger=64",
+    "data.candidates_per_answer=1", "data.gen_batch_size=1024",
+    "assemble.split_by=topic", "assemble.test_fraction=0.2", "assemble.val_fraction=0.1",
+    "diffs.steps=100", "diffs.trigger_rows=2", "diffs.wrong_prefix_rows=2",
+    "diffs.diffs_per_batch=64", "diffs.max_batch_tokens=32768",
+    "assemble.min_trigger_hit=0.5", "assemble.max_wrong_prefix_hit=0.25", "assemble.max_no_trigger_hit=0.125",
+    "interpreter.batch_size=32", "interpreter.patience=3", "eval.n_questions=20",
+]
+
+log = logging.getLogger("gpu_scale")
+
+
+class Progress:
+    """progress.json under `out`: one entry per finished step, rewritten atomically after each."""
+
+    def __init__(self, out: Path, t0: float):
+        self.out, self.t0, self.steps = out, t0, []
+        out.mkdir(parents=True, exist_ok=True)
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
+    def add(self, step: str, **info) -> None:
+        from dit_core.io import write_json_atomic
+
+        entry = {"step": step, "t": round(self.elapsed(), 1), **info}
+        self.steps.append(entry)
+        log.info("[%6.1fs] %s %s", entry["t"], step, json.dumps(info, default=str)[:300])
+        write_json_atomic(self.out / "progress.json", self.steps)
+
+
+def device_info() -> dict:
+    import torch
+
+    info = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info |= {"gpu": torch.cuda.get_device_name(0), "cuda_version": torch.version.cuda}
+    import transformers
+
+    return info | {"transformers": transformers.__version__}
+
+
+def generate_until(p, lm, behavior_dir: Path, diffs_dir: Path, until: float, prog: Progress) -> dict:
+    """Train shards in order while the last shard's time still fits before `until` (seconds)."""
+    import polars as pl
+    import torch
+
+    from dit_core import generate_diffs as gd
+    from dit_core.diff_store import DiffStore
+    from dit_core.lora import DiffModel
+
+    n = gd.prepare_run(p, lm, behavior_dir, diffs_dir)
+    dm = DiffModel(lm.model, p.diffs.modules)
+    done, last, statuses, t_train = 0, 0.0, [], 0.0
+    for i in range(n):
+        if prog.elapsed() + last > until:
+            break
+        t = time.time()
+        status = gd.train_shard(p, lm, behavior_dir, diffs_dir, i, dm)
+        statuses.append(status)
+        done = i + 1
+        if status == "trained":
+            last = time.time() - t
+            t_train += last
+        r = pl.read_parquet(DiffStore(diffs_dir).rows_path(i))
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        prog.add("shard", index=i, of=n, status=status, seconds=round(time.time() - t, 1),
+                 trigger_hit=r["trigger_hit"].mean(), wrong_prefix_hit=r["wrong_prefix_hit"].mean(),
+                 no_trigger_hit=r["no_trigger_hit"].mean(), peak_cuda_gib=peak)
+    if done == 0:
+        raise RuntimeError(f"no shard finished before {until} s; raise --diffs-until")
+    return gd.finalize_run(diffs_dir, done, gd.run_stats(statuses, t_train, p.diffs.diffs_per_batch)
+                           | {"shards_planned": n})
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="where progress.json and the reports go")
+    ap.add_argument("--params", default=None, help="params file (default: the built-in defaults + --set)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="key=value (repeatable)")
+    ap.add_argument("--deadline", type=float, default=480, help="seconds for the whole run")
+    ap.add_argument("--diffs-until", type=float, default=300, help="stop starting shards after this many s")
+    ap.add_argument("--sizes", default=None, help="scaling sizes, e.g. 64,128,all (default: 8, 16, ..., all)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    t0 = time.time()
+    from dit_core.config import load_params
+    from dit_core.models import load_model
+    from dit_core.stages import (run_assemble, run_download, run_make_data, run_scaling, scaling_dir,
+                                 stage_paths)
+
+    out = Path(args.out)
+    prog = Progress(out, t0)
+    p = load_params(args.params, PAPER_SETTING + args.overrides)
+    prog.add("start", device=device_info(), overrides=PAPER_SETTING + args.overrides)
+
+    prog.add("download", **{k: v for k, v in run_download(p).items() if k != "message"})
+    stats = run_make_data(p)
+    prog.add("make_data", **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))})
+
+    paths = stage_paths(p)
+    lm = load_model(paths.model, p.model.device, p.model.dtype)
+    summary = generate_until(p, lm, paths.behavior, paths.diffs, args.diffs_until, prog)
+    shutil.copyfile(paths.diffs / "summary.json", out / "diffs_summary.json")
+    prog.add("diffs", **summary)
+    del lm
+
+    report = run_assemble(p)
+    shutil.copyfile(Path(p.paths.data) / "dit_dataset" / "dataset.parquet", out / "dataset.parquet")
+    prog.add("assemble", **report)
+
+    from dit_core.io import write_json_atomic
+    from dit_core.scaling import public
+
+    points, last = [], {"t": prog.elapsed(), "dt": 0.0}
+
+    def on_point(pt: dict) -> None:
+        now = prog.elapsed()
+        last["dt"], last["t"] = now - last["t"], now
+        points.append(public(pt))
+        write_json_atomic(out / "scaling_points.json", points)
+        prog.add("scaling_point", point_seconds=round(last["dt"], 1), **public(pt))
+        # the next point has about twice the training diffs: stop if it would not fit
+        if now + 2.2 * last["dt"] > args.deadline:
+            raise _OutOfTime
+
+    try:
+        res = run_scaling(p, args.sizes, on_point=on_point)
+        prog.add("scaling", table=res["table"])
+    except _OutOfTime:
+        prog.add("scaling_stopped", reason=f"next point would end after {args.deadline} s", points=len(points))
+    for f in ("scaling.json", "scaling.md", "scaling.png"):
+        if (scaling_dir(p) / f).exists():
+            shutil.copyfile(scaling_dir(p) / f, out / f)
+    prog.add("done", seconds=round(prog.elapsed(), 1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

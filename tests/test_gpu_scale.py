@@ -1,0 +1,45 @@
+"""bench/gpu_scale.py (the time-boxed paper-setting run for a lent GPU), dry-run on CPU with the tiny model."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import pipeline_overrides
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import gpu_scale  # noqa: E402
+
+
+def _args(tiny_model_dir, root, **kw):
+    tiny = pipeline_overrides(tiny_model_dir, root) + [
+        "data.n_topics=6", "data.diffs_per_topic=2", "data.gen_batch_size=8", "diffs.diffs_per_batch=4",
+        "diffs.max_batch_tokens=2048", "interpreter.batch_size=4", "assemble.test_fraction=0.34"]
+    args = ["--out", str(root / "out"), "--deadline", str(kw.get("deadline", 3600)),
+            "--diffs-until", str(kw.get("diffs_until", 3600)), "--sizes", "2,all"]
+    return args + [a for o in tiny for a in ("--set", o)]
+
+
+def test_gpu_scale_dry_run(tiny_model_dir, tmp_path):
+    assert gpu_scale.main(_args(tiny_model_dir, tmp_path)) == 0
+    steps = json.loads((tmp_path / "out" / "progress.json").read_text())
+    names = [s["step"] for s in steps]
+    assert names[:3] == ["start", "download", "make_data"] and names[-1] == "done"
+    # 6 topics x 2 diffs in round-robin order, 4 per shard: 3 shards, all trained
+    shards = [s for s in steps if s["step"] == "shard"]
+    assert [s["index"] for s in shards] == [0, 1, 2] and all(s["status"] == "trained" for s in shards)
+    assemble = next(s for s in steps if s["step"] == "assemble")
+    assert assemble["split_by"] == "topic" and assemble["n_diffs"] == 12
+    points = json.loads((tmp_path / "out" / "scaling_points.json").read_text())
+    assert [pt["n_train"] for pt in points][0] == 2 and len(points) == 2
+    assert (tmp_path / "out" / "scaling.md").exists()
+    # a rerun resumes: every shard skipped, the curve's points kept
+    assert gpu_scale.main(_args(tiny_model_dir, tmp_path)) == 0
+    steps = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert {s["status"] for s in steps if s["step"] == "shard"} == {"skipped"}
+
+
+def test_gpu_scale_no_time_for_a_shard(tiny_model_dir, tmp_path):
+    with pytest.raises(RuntimeError, match="no shard finished"):
+        gpu_scale.main(_args(tiny_model_dir, tmp_path, diffs_until=0))
