@@ -148,22 +148,25 @@ def main(argv: list[str] | None = None) -> int:
     prog.add("assemble", **report)
 
     from dit_core.io import write_json_atomic
-    from dit_core.scaling import public
+    from dit_core.scaling import default_sizes, parse_sizes, public
 
-    points, last = [], {"t": prog.elapsed(), "dt": 0.0}
+    n_train = report["train"]
+    sizes = parse_sizes(args.sizes, n_train) if args.sizes else default_sizes(n_train)
+    points, last = [], {"t": prog.elapsed()}
 
     def on_point(pt: dict) -> None:
         now = prog.elapsed()
-        last["dt"], last["t"] = now - last["t"], now
+        dt, last["t"] = now - last["t"], now
         points.append(public(pt))
         write_json_atomic(out / "scaling_points.json", points)
-        prog.add("scaling_point", point_seconds=round(last["dt"], 1), **public(pt))
-        # the next point has about twice the training diffs: stop if it would not fit
-        if now + 2.2 * last["dt"] > args.deadline:
+        prog.add("scaling_point", point_seconds=round(dt, 1), **public(pt))
+        # a point's time grows about linearly with its training diffs: stop if the next would not fit
+        later = [n for n in sizes if n > pt["n_train"]]
+        if later and now + 1.2 * dt * later[0] / pt["n_train"] > args.deadline:
             raise _OutOfTime
 
     try:
-        res = run_scaling(p, args.sizes, on_point=on_point)
+        res = run_scaling(p, ",".join(map(str, sizes)), on_point=on_point)
         prog.add("scaling", table=res["table"])
     except _OutOfTime:
         prog.add("scaling_stopped", reason=f"next point would end after {args.deadline} s", points=len(points))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_core.chat import chat_prompt, generate
+from dit_core.chat import chat_prompt, generate, inference_batch
 from dit_core.diff_trainer import Example, diff_losses
 from dit_core.lora import DiffModel
 from dit_core.topics import mentions
@@ -43,7 +43,7 @@ def check_diffs(
     B: dict[str, torch.Tensor],
     scale: float,
     max_new_tokens: int = 32,
-    batch_size: int = 64,
+    batch_size: int | None = None,
 ) -> list[dict[str, float]]:
     """Topic-mention rates per prompt kind and KL to the base model, one dict per diff."""
     dm.set_diffs(A, B, scale=scale)
@@ -57,7 +57,7 @@ def check_diffs(
         device = next(dm.model.parameters()).device
         row_index = torch.tensor([t for t, _ in owners], device=device)
         gens = generate(
-            dm.model, tokenizer, prompts, max_new_tokens, batch_size, desc="behaviour check",
+            dm.model, tokenizer, prompts, max_new_tokens, batch_size or inference_batch(dm.model), desc="behaviour check",
             before_batch=lambda s, e: dm.set_row_index(row_index[s:e]),
         )
         hits = [{k: [] for k in KINDS} for _ in checks]

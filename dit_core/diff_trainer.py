@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dit_core.chat import chat_prompt, encode_prompt
+from dit_core.chat import chat_prompt, encode_prompt, inference_batch
 from dit_core.config import DiffsConfig
 from dit_core.lora import DiffModel
 
@@ -396,10 +396,12 @@ def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: 
 
 
 @torch.no_grad()
-def answer_logprobs(dm: DiffModel, rows: list[tuple[int, Example]], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+def answer_logprobs(dm: DiffModel, rows: list[tuple[int, Example]], pad_id: int,
+                    batch_size: int | None = None) -> torch.Tensor:
     """Total log-probability of each row's answer tokens (row uses diff `idx` of the installed diffs)."""
     model = dm.model
     device = next(model.parameters()).device
+    batch_size = batch_size or inference_batch(model)
     out = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]

@@ -25,7 +25,7 @@ import torch
 
 from dit_core.assemble import DitDataset
 from dit_core.behavior_data import trigger_text
-from dit_core.chat import chat_prompt, generate
+from dit_core.chat import chat_prompt, generate, inference_batch
 from dit_core.config import Params
 from dit_core.diff_bank import DiffBank
 from dit_core.diff_trainer import answer_logprobs, encode_example
@@ -98,7 +98,7 @@ class Evaluator:
                 if with_diff:
                     self.dm.set_diffs(*self.diffs[:2], scale=self.diffs[2])
                 with self.dm.adapter_disabled():
-                    gens = generate(self.lm.model, tok, prompts, max_new_tokens, batch_size=64, desc=desc,
+                    gens = generate(self.lm.model, tok, prompts, max_new_tokens, inference_batch(self.lm.model), desc=desc,
                                     before_batch=(lambda s, e: self.dm.set_row_index(rows[s:e])) if with_diff else None)
             finally:
                 self.dm.clear_diffs()

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dit_core.chat import chat_prompt, generate
+from dit_core.chat import chat_prompt, generate, inference_batch
 from dit_core.diff_trainer import Example, answer_logprobs, diff_losses, encode_example
 from dit_core.io import atomic_path, write_json_atomic
 from dit_core.lora import DiffModel
@@ -90,7 +90,7 @@ class LoraInterpreter:
         try:
             if diffs is not None:
                 self.dm.set_diffs(*diffs[:2], scale=diffs[2])
-            gens = generate(self.dm.model, tokenizer, [prompt] * len(rows), max_new_tokens, batch_size=64,
+            gens = generate(self.dm.model, tokenizer, [prompt] * len(rows), max_new_tokens, inference_batch(self.dm.model),
                             before_batch=(lambda s, e: self.dm.set_row_index(index[s:e])) if diffs is not None else None)
         finally:
             self.dm.clear_diffs()
