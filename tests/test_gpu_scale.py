@@ -26,6 +26,8 @@ def test_gpu_scale_dry_run(tiny_model_dir, tmp_path):
     steps = json.loads((tmp_path / "out" / "progress.json").read_text())
     names = [s["step"] for s in steps]
     assert names[:3] == ["start", "download", "make_data"] and names[-1] == "done"
+    # the recipe is the project's params.yaml under the paper-setting list (not the built-in defaults)
+    assert steps[0]["params"] == str(Path(gpu_scale.ROOT) / "params.yaml")
     # 6 topics x 2 diffs in round-robin order, 4 per shard: 3 shards, all trained
     shards = [s for s in steps if s["step"] == "shard"]
     assert [s["index"] for s in shards] == [0, 1, 2] and all(s["status"] == "trained" for s in shards)
