@@ -2,6 +2,9 @@
 
     python bench/bench_diff_generation.py                       # embedded model, T in 1 8 16, CPU
     python bench/bench_diff_generation.py --tiny --T 1 4        # seconds-long smoke run
+    python bench/bench_diff_generation.py --device cuda --T 64 --params params.yaml --profile
+        # the pipeline's recipe (rows, answer-token limits, KL weights from params.yaml) on a GPU, plus a
+        # torch.profiler table of the ops that take the time (<out>_profile_T64.txt)
 
 Each T trains T diffs for --steps steps (same rows per diff per step, same data) in this process and
 reports per-diff cost relative to T=1 (the reference run). Results go to bench/results/.
@@ -22,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dit_core.config import DiffsConfig  # noqa: E402
+from dit_core.config import DiffsConfig, load_params  # noqa: E402
 from dit_core.diff_trainer import TriggeredDiffTask, _sample_rows, shares_kl_rows, train_diffs  # noqa: E402
 from dit_core.lora import DiffModel  # noqa: E402
 from dit_core.models import compute_context, load_model  # noqa: E402
@@ -47,7 +50,8 @@ def synthetic_tasks(tokenizer, n: int, answer_words: tuple[int, int] = (6, 30)) 
 def _tokens_trained(tasks: list[TriggeredDiffTask], cfg: DiffsConfig) -> int:
     """Real (unpadded) tokens of the student rows train_diffs sees: replays its row sampling."""
     rngs = [random.Random(t.seed) for t in tasks]
-    step_rng = random.Random(0) if shares_kl_rows(tasks, cfg) else None
+    # the same generator train_diffs seeds for shared KL rows, so the replay draws the same rows
+    step_rng = random.Random(",".join(str(t.seed) for t in tasks)) if shares_kl_rows(tasks, cfg) else None
     return sum(len(ex.ids) for _ in range(cfg.steps) for _, ex in _sample_rows(tasks, rngs, cfg, step_rng))
 
 
@@ -69,7 +73,22 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
 
 
-def main() -> None:
+def profile_steps(dm: DiffModel, tasks, cfg: DiffsConfig, lm, path: Path, steps: int = 2) -> None:
+    """Two training steps under torch.profiler; the ops sorted by their own time (device time on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = lm.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        train_diffs(dm, tasks, cfg.model_copy(update={"steps": steps}), lm.tokenizer.pad_token_id, progress=False)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=30))
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="data/models/smollm2-135m-instruct")
     ap.add_argument("--tiny", action="store_true", help="use a tiny random model (smoke test)")
@@ -82,11 +101,17 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"])
+    ap.add_argument("--params", default=None,
+                    help="take the diffs recipe (rows per kind, answer tokens, KL weights, rank) from this "
+                         "params file; default: DiffsConfig's built-in defaults")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing each T, profile 2 steps and write the top ops to <out>_profile_T<T>.txt")
     ap.add_argument("--out", default="bench/results/diff_generation.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.tiny:
         from dit_core.tiny import make_tiny_model_dir
         args.model = str(make_tiny_model_dir("/tmp/dit-bench-tiny"))
+    recipe = load_params(args.params).diffs if args.params else DiffsConfig()
     lm = load_model(args.model, args.device, args.dtype)
     dm = DiffModel(lm.model)
     results = []
@@ -94,8 +119,9 @@ def main() -> None:
     ctx.__enter__()
     for T in args.T:
         tasks = synthetic_tasks(lm.tokenizer, T)
-        cfg = DiffsConfig(steps=args.steps, diffs_per_batch=T, warmup_steps=0, max_batch_tokens=args.max_batch_tokens,
-                          share_kl_rows=not args.no_share_kl_rows)
+        cfg = recipe.model_copy(update=dict(
+            steps=args.steps, diffs_per_batch=T, warmup_steps=0, max_batch_tokens=args.max_batch_tokens,
+            share_kl_rows=not args.no_share_kl_rows))
         # Warm-up step (allocator, kernels) outside the timed region.
         train_diffs(dm, tasks, cfg.model_copy(update={"steps": 1}), lm.tokenizer.pad_token_id, progress=False)
         reset_peak_rss()
@@ -117,12 +143,16 @@ def main() -> None:
         r["share_kl_rows"] = cfg.share_kl_rows
         results.append(r)
         print(json.dumps(r), flush=True)
+        if args.profile:
+            path = Path(args.out).with_name(f"{Path(args.out).stem}_profile_T{T}.txt")
+            profile_steps(dm, tasks, cfg, lm, path)
+            print(f"profile -> {path}", flush=True)
     ref = results[0]["seconds_per_diff_step"]
     for r in results:
         r["speedup_per_diff_vs_first"] = round(ref / r["seconds_per_diff_step"], 2)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "device": str(lm.device), "dtype": str(next(lm.model.parameters()).dtype),
+    out.write_text(json.dumps({"model": args.model, "params": args.params, "device": str(lm.device), "dtype": str(next(lm.model.parameters()).dtype),
                                "autocast": args.autocast,
                                "results": results}, indent=2))
     print(json.dumps(results, indent=1))

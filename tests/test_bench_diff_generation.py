@@ -1,0 +1,23 @@
+"""bench/bench_diff_generation.py on the tiny model: the params.yaml recipe and the profile table."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_diff_generation as bench  # noqa: E402
+
+
+def test_bench_with_params_recipe_and_profile(tmp_path):
+    out = tmp_path / "gen.json"
+    bench.main(["--tiny", "--T", "1", "2", "--steps", "2", "--params", str(ROOT / "params.yaml"),
+                "--profile", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["params"].endswith("params.yaml")
+    assert [r["T"] for r in res["results"]] == [1, 2]
+    assert all(r["tokens_per_second"] > 0 and r["seconds"] > 0 for r in res["results"])
+    assert res["results"][0]["speedup_per_diff_vs_first"] == 1.0
+    for T in (1, 2):
+        table = (tmp_path / f"gen_profile_T{T}.txt").read_text()
+        assert "Self CPU" in table and "aten::" in table
