@@ -53,8 +53,12 @@ class DiffLinear(nn.Module):
 
     def _diff_delta(self, x: torch.Tensor) -> torch.Tensor:
         A, B, scale = self.diff_A, self.diff_B, self.diff_scale
-        # Scale folded into the small factor A (N, r, out), not applied to the (b, s, out) output.
-        A = A * (scale.to(A.dtype)[:, None, None] if isinstance(scale, torch.Tensor) else scale)
+        # Scale folded into the small factor A (N, r, out), not applied to the (b, s, out) output;
+        # skipped at scale 1 (training's default), which saves a kernel and its backward per module.
+        if isinstance(scale, torch.Tensor):
+            A = A * scale.to(A.dtype)[:, None, None]
+        elif scale != 1:
+            A = A * scale
         group = self.__dict__.get("rows_per_diff")
         if group:
             # Rows come in equal, contiguous groups per diff (training batches): one bmm per diff,

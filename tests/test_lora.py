@@ -34,10 +34,11 @@ def test_wraps_every_decoder_linear_once(dm):
     assert linear_module_names(dm.model, r"mlp\.") == [n for n in dm.names if ".mlp." in n]
 
 
-def test_factored_equals_materialised(dm):
+@pytest.mark.parametrize("scale", [0.7, 1.0])  # 1.0 skips the scale multiply: same result
+def test_factored_equals_materialised(dm, scale):
     ids = torch.randint(3, 500, (3, 7))
     A, B = _random_diffs(dm, 3)
-    dm.set_diffs(A, B, scale=0.7)
+    dm.set_diffs(A, B, scale=scale)
     with torch.no_grad():
         factored = dm.model(ids).logits
     dm.clear_diffs()
@@ -46,7 +47,7 @@ def test_factored_equals_materialised(dm):
         for name, layer in dm.layers.items():
             w = layer.base_layer.weight
             originals[name] = w.data.clone()
-            w.data += (B[name][t] @ A[name][t]).T * 0.7  # delta_W = (B @ A)^T * scale
+            w.data += (B[name][t] @ A[name][t]).T * scale  # delta_W = (B @ A)^T * scale
         with torch.no_grad():
             materialised = dm.model(ids[t : t + 1]).logits
         for name, layer in dm.layers.items():
