@@ -89,7 +89,13 @@ def generate_until(p, lm, behavior_dir: Path, diffs_dir: Path, until: float, pro
         if prog.elapsed() + last > until:
             break
         t = time.time()
-        status = gd.train_shard(p, lm, behavior_dir, diffs_dir, i, dm)
+        try:
+            status = gd.train_shard(p, lm, behavior_dir, diffs_dir, i, dm)
+        except torch.cuda.OutOfMemoryError as e:  # keep the lease: go on with the shards already done
+            torch.cuda.empty_cache()
+            prog.add("shard_out_of_memory", index=i, error=str(e)[:300],
+                     fix="lower --set diffs.diffs_per_batch or diffs.max_batch_tokens")
+            break
         statuses.append(status)
         done = i + 1
         if status == "trained":

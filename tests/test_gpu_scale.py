@@ -45,3 +45,24 @@ def test_gpu_scale_dry_run(tiny_model_dir, tmp_path):
 def test_gpu_scale_no_time_for_a_shard(tiny_model_dir, tmp_path):
     with pytest.raises(RuntimeError, match="no shard finished"):
         gpu_scale.main(_args(tiny_model_dir, tmp_path, diffs_until=0))
+
+
+def test_gpu_scale_out_of_memory_keeps_finished_shards(tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+
+    from dit_core import generate_diffs as gd
+
+    real = gd.train_shard
+
+    def train_shard(p, lm, behavior_dir, diffs_dir, index, dm=None):
+        if index == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(p, lm, behavior_dir, diffs_dir, index, dm)
+
+    monkeypatch.setattr(gd, "train_shard", train_shard)
+    assert gpu_scale.main(_args(tiny_model_dir, tmp_path)) == 0
+    steps = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert [s["index"] for s in steps if s["step"] == "shard"] == [0, 1]
+    oom = next(s for s in steps if s["step"] == "shard_out_of_memory")
+    assert oom["index"] == 2 and "diffs_per_batch" in oom["fix"]
+    assert next(s for s in steps if s["step"] == "assemble")["n_diffs"] == 8 and steps[-1]["step"] == "done"
