@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline", type=float, default=480, help="seconds for the whole run")
     ap.add_argument("--diffs-until", type=float, default=300, help="stop starting shards after this many s")
     ap.add_argument("--sizes", default=None, help="scaling sizes, e.g. 64,128,all (default: 8, 16, ..., all)")
+    ap.add_argument("--evaluate", type=float, default=0, metavar="SECONDS",
+                    help="after the curve, if this many seconds are left before --deadline: every method "
+                         "(baselines, controls) with the largest point's interpreter -> metrics.json, table.md")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -182,6 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     for f in ("scaling.json", "scaling.md", "scaling.png"):
         if (scaling_dir(p) / f).exists():
             shutil.copyfile(scaling_dir(p) / f, out / f)
+
+    if args.evaluate and points:
+        left = args.deadline - prog.elapsed()
+        if left < args.evaluate:
+            prog.add("evaluate_skipped", reason=f"{left:.0f} s left, --evaluate asks for {args.evaluate:.0f}")
+        else:
+            from dit_core.stages import run_evaluate
+
+            n = points[-1]["n_train"]
+            res = run_evaluate(p, interpreter=scaling_dir(p) / f"n{n:05d}" / "interpreter")
+            for f in ("metrics.json", "table.md"):
+                shutil.copyfile(Path(p.paths.reports) / f, out / f)
+            prog.add("evaluate", n_train=n, table=res["table"])
     prog.add("done", seconds=round(prog.elapsed(), 1))
     return 0
 

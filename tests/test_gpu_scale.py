@@ -17,7 +17,8 @@ def _args(tiny_model_dir, root, **kw):
         "data.n_topics=6", "data.diffs_per_topic=2", "data.gen_batch_size=8", "diffs.diffs_per_batch=4",
         "diffs.max_batch_tokens=2048", "interpreter.batch_size=4", "assemble.test_fraction=0.34"]
     args = ["--out", str(root / "out"), "--deadline", str(kw.get("deadline", 3600)),
-            "--diffs-until", str(kw.get("diffs_until", 3600)), "--sizes", "2,all"]
+            "--diffs-until", str(kw.get("diffs_until", 3600)), "--sizes", "2,all",
+            "--evaluate", str(kw.get("evaluate", 0))]
     return args + [a for o in tiny for a in ("--set", o)]
 
 
@@ -36,6 +37,7 @@ def test_gpu_scale_dry_run(tiny_model_dir, tmp_path):
     points = json.loads((tmp_path / "out" / "scaling_points.json").read_text())
     assert [pt["n_train"] for pt in points][0] == 2 and len(points) == 2
     assert (tmp_path / "out" / "scaling.md").exists()
+    assert "evaluate" not in names  # not asked for
     # a rerun resumes: every shard skipped, the curve's points kept
     assert gpu_scale.main(_args(tiny_model_dir, tmp_path)) == 0
     steps = json.loads((tmp_path / "out" / "progress.json").read_text())
@@ -66,3 +68,21 @@ def test_gpu_scale_out_of_memory_keeps_finished_shards(tiny_model_dir, tmp_path,
     oom = next(s for s in steps if s["step"] == "shard_out_of_memory")
     assert oom["index"] == 2 and "diffs_per_batch" in oom["fix"]
     assert next(s for s in steps if s["step"] == "assemble")["n_diffs"] == 8 and steps[-1]["step"] == "done"
+
+
+def test_gpu_scale_evaluates_every_method_when_time_allows(tiny_model_dir, tmp_path):
+    assert gpu_scale.main(_args(tiny_model_dir, tmp_path, evaluate=10)) == 0
+    steps = json.loads((tmp_path / "out" / "progress.json").read_text())
+    ev = next(s for s in steps if s["step"] == "evaluate")
+    points = json.loads((tmp_path / "out" / "scaling_points.json").read_text())
+    assert ev["n_train"] == points[-1]["n_train"]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert {"dit", "base_question", "base_question_trigger", "no_diff", "shuffled_diff"} <= set(metrics)
+    # the same interpreter and test split as the curve's last point: the same DIT top-1
+    assert metrics["dit"]["top1"] == points[-1]["top1"]
+
+
+def test_gpu_scale_skips_evaluation_without_time(tiny_model_dir, tmp_path):
+    assert gpu_scale.main(_args(tiny_model_dir, tmp_path, evaluate=10**6)) == 0
+    steps = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert any(s["step"] == "evaluate_skipped" for s in steps) and not (tmp_path / "out" / "metrics.json").exists()
