@@ -15,7 +15,7 @@ set -euo pipefail
 
 SCALE=(
   --set "data.n_topics=${N_TOPICS:-600}" --set "data.diffs_per_topic=${DIFFS_PER_TOPIC:-3}"
-  --set data.n_trigger=64
+  --set data.n_trigger=64 --set data.diff_order=round
   --set assemble.split_by=topic --set assemble.test_fraction=0.2 --set assemble.val_fraction=0.1
   --set diffs.steps=100 --set diffs.trigger_rows=2 --set diffs.wrong_prefix_rows=2
   --set "diffs.diffs_per_batch=${DIFFS_PER_BATCH:-64}" --set "diffs.max_batch_tokens=${MAX_BATCH_TOKENS:-16384}"
