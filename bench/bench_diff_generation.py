@@ -115,38 +115,38 @@ def main(argv: list[str] | None = None) -> None:
     lm = load_model(args.model, args.device, args.dtype)
     dm = DiffModel(lm.model)
     results = []
-    ctx = compute_context(lm.device, args.autocast)
-    ctx.__enter__()
-    for T in args.T:
-        tasks = synthetic_tasks(lm.tokenizer, T)
-        cfg = recipe.model_copy(update=dict(
-            steps=args.steps, diffs_per_batch=T, warmup_steps=0, max_batch_tokens=args.max_batch_tokens,
-            share_kl_rows=not args.no_share_kl_rows))
-        # Warm-up step (allocator, kernels) outside the timed region.
-        train_diffs(dm, tasks, cfg.model_copy(update={"steps": 1}), lm.tokenizer.pad_token_id, progress=False)
-        reset_peak_rss()
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        train_diffs(dm, tasks, cfg, lm.tokenizer.pad_token_id, progress=False)
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize()
-        secs = time.perf_counter() - t0
-        tokens = _tokens_trained(tasks, cfg)
-        r = dict(T=T, steps=args.steps, seconds=round(secs, 2), seconds_per_diff_step=round(secs / (T * args.steps), 3),
-                 diffs_per_minute_at_60_steps=round(60 / (secs / args.steps * 60 / T), 3),
-                 tokens_per_second=round(tokens / secs, 1),
-                 peak_rss_gb=round(peak_rss_gb(), 2),
-                 peak_cuda_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if lm.device.type == "cuda" else None)
-        r["max_batch_tokens"] = cfg.max_batch_tokens
-        r["share_kl_rows"] = cfg.share_kl_rows
-        results.append(r)
-        print(json.dumps(r), flush=True)
-        if args.profile:
-            path = Path(args.out).with_name(f"{Path(args.out).stem}_profile_T{T}.txt")
-            profile_steps(dm, tasks, cfg, lm, path)
-            print(f"profile -> {path}", flush=True)
+    # Mixed precision for the timed runs only (exited before returning: main() may run inside a test).
+    with compute_context(lm.device, args.autocast):
+        for T in args.T:
+            tasks = synthetic_tasks(lm.tokenizer, T)
+            cfg = recipe.model_copy(update=dict(
+                steps=args.steps, diffs_per_batch=T, warmup_steps=0, max_batch_tokens=args.max_batch_tokens,
+                share_kl_rows=not args.no_share_kl_rows))
+            # Warm-up step (allocator, kernels) outside the timed region.
+            train_diffs(dm, tasks, cfg.model_copy(update={"steps": 1}), lm.tokenizer.pad_token_id, progress=False)
+            reset_peak_rss()
+            if lm.device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            train_diffs(dm, tasks, cfg, lm.tokenizer.pad_token_id, progress=False)
+            if lm.device.type == "cuda":
+                torch.cuda.synchronize()
+            secs = time.perf_counter() - t0
+            tokens = _tokens_trained(tasks, cfg)
+            r = dict(T=T, steps=args.steps, seconds=round(secs, 2), seconds_per_diff_step=round(secs / (T * args.steps), 3),
+                     diffs_per_minute_at_60_steps=round(60 / (secs / args.steps * 60 / T), 3),
+                     tokens_per_second=round(tokens / secs, 1),
+                     peak_rss_gb=round(peak_rss_gb(), 2),
+                     peak_cuda_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2) if lm.device.type == "cuda" else None)
+            r["max_batch_tokens"] = cfg.max_batch_tokens
+            r["share_kl_rows"] = cfg.share_kl_rows
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            if args.profile:
+                path = Path(args.out).with_name(f"{Path(args.out).stem}_profile_T{T}.txt")
+                profile_steps(dm, tasks, cfg, lm, path)
+                print(f"profile -> {path}", flush=True)
     ref = results[0]["seconds_per_diff_step"]
     for r in results:
         r["speedup_per_diff_vs_first"] = round(ref / r["seconds_per_diff_step"], 2)

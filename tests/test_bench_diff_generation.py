@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_diff_generation as bench  # noqa: E402
@@ -12,7 +14,9 @@ import bench_diff_generation as bench  # noqa: E402
 def test_bench_with_params_recipe_and_profile(tmp_path):
     out = tmp_path / "gen.json"
     bench.main(["--tiny", "--T", "1", "2", "--steps", "2", "--params", str(ROOT / "params.yaml"),
-                "--profile", "--out", str(out)])
+                "--profile", "--autocast", "bf16", "--out", str(out)])
+    # the mixed-precision region is closed again: later code in this process runs in fp32
+    assert not torch.is_autocast_enabled("cpu")
     res = json.loads(out.read_text())
     assert res["params"].endswith("params.yaml")
     assert [r["T"] for r in res["results"]] == [1, 2]
