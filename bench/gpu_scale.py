@@ -30,6 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 # The paper's setting (as bench/paper_scale.sh and the README's CPU run), sized for a GPU: 600 topics x 3
 # diffs in round-robin order (a run stopped early covers as many topics as it can), 64 diffs per step.
+# Interpreter batches of 32 diffs; early-stopping patience stays params.yaml's 8 (the 2026-11-30 lease
+# used 3, and its 127-diff point was still improving at epoch 19).
 PAPER_SETTING = [
     "data.n_topics=600", "data.diffs_per_topic=3", "data.diff_order=round", "data.n_trigger=64",
     "data.candidates_per_answer=1", "data.gen_batch_size=1024",
@@ -37,7 +39,7 @@ PAPER_SETTING = [
     "diffs.steps=100", "diffs.trigger_rows=2", "diffs.wrong_prefix_rows=2",
     "diffs.diffs_per_batch=64", "diffs.max_batch_tokens=32768",
     "assemble.min_trigger_hit=0.5", "assemble.max_wrong_prefix_hit=0.25", "assemble.max_no_trigger_hit=0.125",
-    "interpreter.batch_size=32", "interpreter.patience=3", "eval.n_questions=20",
+    "interpreter.batch_size=32", "eval.n_questions=20",
 ]
 
 log = logging.getLogger("gpu_scale")
