@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     from dit_core.config import load_params
     from dit_core.models import load_model
-    from dit_core.stages import (run_assemble, run_download, run_make_data, run_scaling, scaling_dir,
-                                 stage_paths)
+    from dit_core.stages import (dataset_dir, run_assemble, run_download, run_evaluate, run_make_data,
+                                 run_scaling, scaling_dir, stage_paths)
 
     out = Path(args.out)
     prog = Progress(out, t0)
@@ -156,11 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     del lm
 
     report = run_assemble(p)
-    shutil.copyfile(Path(p.paths.data) / "dit_dataset" / "dataset.parquet", out / "dataset.parquet")
+    shutil.copyfile(dataset_dir(p) / "dataset.parquet", out / "dataset.parquet")
     prog.add("assemble", **report)
 
     from dit_core.io import write_json_atomic
-    from dit_core.scaling import default_sizes, parse_sizes, public
+    from dit_core.scaling import default_sizes, parse_sizes, point_dir, public
 
     n_train = report["train"]
     sizes = parse_sizes(args.sizes, n_train) if args.sizes else default_sizes(n_train)
@@ -182,23 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = run_scaling(p, ",".join(map(str, sizes)), on_point=on_point)
         prog.add("scaling", table=res["table"])
-    except _OutOfTime:
-        prog.add("scaling_stopped", reason=f"next point would end after {args.deadline} s", points=len(points))
-    for f in ("scaling.json", "scaling.md", "scaling.png"):
-        if (scaling_dir(p) / f).exists():
+        for f in ("scaling.json", "scaling.md", "scaling.png"):  # written by a finished curve only
             shutil.copyfile(scaling_dir(p) / f, out / f)
+    except _OutOfTime:  # the points so far are in scaling_points.json (a scaling.json there may be stale)
+        prog.add("scaling_stopped", reason=f"next point would end after {args.deadline} s", points=len(points))
 
     if args.evaluate and points:
         left = args.deadline - prog.elapsed()
         if left < args.evaluate:
             prog.add("evaluate_skipped", reason=f"{left:.0f} s left, --evaluate asks for {args.evaluate:.0f}")
         else:
-            from dit_core.stages import run_evaluate
-
             n = points[-1]["n_train"]
-            res = run_evaluate(p, interpreter=scaling_dir(p) / f"n{n:05d}" / "interpreter")
+            res = run_evaluate(p, interpreter=point_dir(scaling_dir(p), n) / "interpreter")
             for f in ("metrics.json", "table.md"):
-                shutil.copyfile(Path(p.paths.reports) / f, out / f)
+                shutil.copyfile(paths.reports / f, out / f)
             prog.add("evaluate", n_train=n, table=res["table"])
     prog.add("done", seconds=round(prog.elapsed(), 1))
     return 0

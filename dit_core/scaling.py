@@ -126,6 +126,11 @@ def _point(p: Params, lm: LoadedModel, ds: pl.DataFrame, order: list[str], n: in
     return point
 
 
+def point_dir(out_dir: str | Path, n_train: int) -> Path:
+    """Where the point with n_train training diffs lives: dataset, interpreter, predictions, point.json."""
+    return Path(out_dir) / f"n{n_train:05d}"
+
+
 def scaling_curve(p: Params, lm: LoadedModel, dataset_dir: str | Path, out_dir: str | Path,
                   sizes: list[int] | None, questions_path: str | Path,
                   on_point: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
@@ -140,7 +145,7 @@ def scaling_curve(p: Params, lm: LoadedModel, dataset_dir: str | Path, out_dir: 
     sizes = sorted({min(n, len(order)) for n in (sizes or default_sizes(len(order)))})
     points = []
     for n in sizes:
-        out = out_dir / f"n{n:05d}"
+        out = point_dir(out_dir, n)
         done = out / POINT_FILE
         if done.exists():
             point = json.loads(done.read_text())
