@@ -88,6 +88,27 @@ def profile_steps(dm: DiffModel, tasks, cfg: DiffsConfig, lm, path: Path, steps:
     path.write_text(prof.key_averages().table(sort_by=key, row_limit=30))
 
 
+def count_syncs(dm: DiffModel, tasks, cfg: DiffsConfig, lm, steps: int = 2) -> int | None:
+    """Host-device synchronisations per training step, as CUDA's sync debug mode reports them (None off CUDA).
+
+    The step is built to need none (dit_core.diff_trainer.Batch); the progress bar's loss read every
+    SHOW_EVERY steps is the one left, outside the steps counted here when steps < SHOW_EVERY.
+    """
+    if lm.device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_diffs(dm, tasks, cfg.model_copy(update={"steps": steps}), lm.tokenizer.pad_token_id,
+                        progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen) // steps
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="data/models/smollm2-135m-instruct")
@@ -144,6 +165,10 @@ def main(argv: list[str] | None = None) -> None:
             results.append(r)
             print(json.dumps(r), flush=True)
             if args.profile:
+                # train_diffs reads the losses at its first and last step (the progress bar), and the
+                # final losses once: with 2 steps those reads are counted too.
+                r["syncs_per_step_2_steps"] = count_syncs(dm, tasks, cfg, lm)
+                print(json.dumps({"T": T, "syncs_per_step_2_steps": r["syncs_per_step_2_steps"]}), flush=True)
                 path = Path(args.out).with_name(f"{Path(args.out).stem}_profile_T{T}.txt")
                 profile_steps(dm, tasks, cfg, lm, path)
                 print(f"profile -> {path}", flush=True)

@@ -86,13 +86,16 @@ def generate_until(p, lm, behavior_dir: Path, diffs_dir: Path, until: float, pro
 
     n = gd.prepare_run(p, lm, behavior_dir, diffs_dir)
     dm = DiffModel(lm.model, p.diffs.modules)
+    store = DiffStore(diffs_dir)
+    shards = gd.plan_shards(pl.read_parquet(behavior_dir / "diffs.parquet"), p.diffs.diffs_per_batch)
     done, last, statuses, t_train = 0, 0.0, [], 0.0
     for i in range(n):
-        if prog.elapsed() + last > until:
+        # a finished shard costs no time (a later call resumes with --diffs-until 0 to run only the curve)
+        if not store.is_complete(i, shards[i]) and prog.elapsed() + last > until:
             break
-        t = time.time()
+        t, timings = time.time(), {}
         try:
-            status = gd.train_shard(p, lm, behavior_dir, diffs_dir, i, dm)
+            status = gd.train_shard(p, lm, behavior_dir, diffs_dir, i, dm, timings)
         except torch.cuda.OutOfMemoryError as e:  # keep the lease: go on with the shards already done
             torch.cuda.empty_cache()
             prog.add("shard_out_of_memory", index=i, error=str(e)[:300],
@@ -103,13 +106,15 @@ def generate_until(p, lm, behavior_dir: Path, diffs_dir: Path, until: float, pro
         if status == "trained":
             last = time.time() - t
             t_train += last
-        r = pl.read_parquet(DiffStore(diffs_dir).rows_path(i))
+        r = pl.read_parquet(store.rows_path(i))
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         prog.add("shard", index=i, of=n, status=status, seconds=round(time.time() - t, 1),
                  trigger_hit=r["trigger_hit"].mean(), wrong_prefix_hit=r["wrong_prefix_hit"].mean(),
-                 no_trigger_hit=r["no_trigger_hit"].mean(), peak_cuda_gib=peak)
+                 no_trigger_hit=r["no_trigger_hit"].mean(), peak_cuda_gib=peak, **timings)
     if done == 0:
         raise RuntimeError(f"no shard finished before {until} s; raise --diffs-until")
+    if done < n:
+        prog.add("diffs_stopped", reason=f"--diffs-until {until:.0f} s", shards_done=done, shards_planned=n)
     return gd.finalize_run(diffs_dir, done, gd.run_stats(statuses, t_train, p.diffs.diffs_per_batch)
                            | {"shards_planned": n})
 

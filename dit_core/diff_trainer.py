@@ -108,14 +108,40 @@ def shared_kl_examples(tasks: list[TriggeredDiffTask], cfg: DiffsConfig, rng: ra
     return out
 
 
+KIND_CODES = {"trigger": 0, "no_trigger": 1, "wrong_prefix": 2}
+
+
 @dataclass
 class Batch:
-    """A padded batch: input ids, attention mask, per-row diff index and answer-token mask."""
+    """A padded batch and its answer tokens, built on the host and moved to the device in one copy.
+
+    Everything a loss needs to pick tokens (positions, targets, per-token diff and kind) is computed
+    here from Python lists, so the training step never asks the device for a value (no host-device
+    sync from boolean masks, `.any()` or `.item()`): on a GPU the host queues the whole step ahead.
+    """
 
     input_ids: torch.Tensor  # (b, s)
     attention_mask: torch.Tensor  # (b, s)
     row_index: torch.Tensor  # (b,) diff of each row
-    is_kl: torch.Tensor  # (b,) bool: KL row (else cross-entropy row)
+    tok_row: torch.Tensor  # (n,) batch row of each answer token's predicting position
+    tok_pos: torch.Tensor  # (n,) that position (it predicts the token at tok_pos + 1)
+    targets: torch.Tensor  # (n,) the answer token
+    tok_diff: torch.Tensor  # (n,) diff of the token's row
+    tok_kind: torch.Tensor  # (n,) KIND_CODES of the token's row
+    tok_first: torch.Tensor  # (n,) 1 for each row's first answer token
+    ce_idx: torch.Tensor  # token indices of trigger rows (cross-entropy)
+    kl_idx: torch.Tensor  # token indices of the other rows (KL to the base model)
+    host_rows: list[int]  # row_index on the host
+    sizes: list[int]  # answer tokens per row
+    padded: bool  # whether any row is shorter than the batch
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory without blocking the host."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def encode_example(tokenizer, prompt: str, answer: str, complete: bool, kind: str) -> Example:
@@ -128,35 +154,54 @@ def encode_example(tokenizer, prompt: str, answer: str, complete: bool, kind: st
 
 
 def collate(rows: list[tuple[int, Example]], pad_id: int, device) -> Batch:
-    """Right-pad rows of (diff index, example) into a Batch."""
-    width = max(len(ex.ids) for _, ex in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (_, ex) in enumerate(rows):
-        ids[i, : len(ex.ids)] = torch.tensor(ex.ids)
-        mask[i, : len(ex.ids)] = 1
-    return Batch(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        row_index=torch.tensor([t for t, _ in rows], device=device),
-        is_kl=torch.tensor([ex.kind != "trigger" for _, ex in rows], device=device),
-    )
-
-
-def _target_positions(rows: list[tuple[int, Example]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, position) pairs whose logits predict an answer token (position p predicts token p+1)."""
-    r, p = [], []
-    for i, (_, ex) in enumerate(rows):
+    """Right-pad rows of (diff index, example) into a Batch (one host-to-device copy)."""
+    b, width = len(rows), max(len(ex.ids) for _, ex in rows)
+    ids, mask, host_rows = [], [], []
+    tok_row, tok_pos, targets, tok_diff, tok_kind, tok_first, ce_idx, kl_idx, sizes = ([] for _ in range(9))
+    for i, (t, ex) in enumerate(rows):
+        pad = width - len(ex.ids)
+        ids += ex.ids + [pad_id] * pad
+        mask += [1] * len(ex.ids) + [0] * pad
+        host_rows.append(t)
         pos = range(ex.answer_start - 1, len(ex.ids) - 1)
-        r += [i] * len(pos)
-        p += list(pos)
-    return torch.tensor(r, device=device), torch.tensor(p, device=device)
+        (ce_idx if ex.kind == "trigger" else kl_idx).extend(range(len(tok_row), len(tok_row) + len(pos)))
+        tok_row += [i] * len(pos)
+        tok_pos += pos
+        targets += ex.ids[ex.answer_start:]
+        tok_diff += [t] * len(pos)
+        tok_kind += [KIND_CODES[ex.kind]] * len(pos)
+        tok_first += [1] + [0] * (len(pos) - 1) if len(pos) else []
+        sizes.append(len(pos))
+    parts = [ids, mask, host_rows, tok_row, tok_pos, targets, tok_diff, tok_kind, tok_first, ce_idx, kl_idx]
+    packed = to_device(torch.tensor([v for p in parts for v in p], dtype=torch.long), device)
+    views = packed.split([len(p) for p in parts])
+    return Batch(views[0].view(b, width), views[1].view(b, width), *views[2:], host_rows=host_rows, sizes=sizes,
+                 padded=len(mask) != sum(mask))
 
 
-def answer_logits(model, batch: Batch, rows_pos: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Logits only at the answer positions: the lm_head is ~20% of a small model's FLOPs."""
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
-    sel = hidden[rows_pos[0], rows_pos[1]]  # (n, h)
+def attention_mask_for(model, mask: torch.Tensor) -> torch.Tensor:
+    """The attention mask to pass: for SDPA attention, a ready 4D boolean mask (causal and padding).
+
+    Given the 2D padding mask, transformers checks on every forward whether it has any padding, which
+    reads it back from the device; a prepared 4D mask is used as it is. Other attention kernels get
+    the 2D mask.
+    """
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return mask
+    s = mask.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=mask.device).tril()
+    return causal[None, None] & mask.bool()[:, None, None, :]  # (b, 1, s, s): query q sees keys <= q
+
+
+def answer_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits only at the answer positions: the lm_head is ~20% of a small model's FLOPs.
+
+    A batch without padding (equal-length rows, e.g. the shared KL rows) runs without a mask, on the
+    causal attention kernel.
+    """
+    mask = attention_mask_for(model, batch.attention_mask) if batch.padded else None
+    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=mask)[0]
+    sel = hidden[batch.tok_row, batch.tok_pos]  # (n, h)
     return model.get_output_embeddings()(sel).float()  # (n, V)
 
 
@@ -184,6 +229,12 @@ def loss_normalizers(rows: list[tuple[int, Example]], n_diffs: int, first_token_
     return norms
 
 
+def normalizers_on(norms: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """`loss_normalizers` output on `device` in one copy, clamped away from zero."""
+    stacked = to_device(torch.stack([norms[k] for k in PARTS]), device).clamp(min=1e-6)
+    return dict(zip(PARTS, stacked.unbind(0)))
+
+
 @torch.no_grad()
 def teacher_logprobs(dm: DiffModel, examples: list[Example], pad_id: int, max_tokens: int
                      ) -> dict[int, torch.Tensor]:
@@ -196,10 +247,9 @@ def teacher_logprobs(dm: DiffModel, examples: list[Example], pad_id: int, max_to
     out = {}
     with dm.diffs_disabled():
         for mb in micro_batches([(0, ex) for ex in unique], max_tokens):
-            rows_pos = _target_positions(mb, device)
-            logp = F.log_softmax(answer_logits(dm.model, collate(mb, pad_id, device), rows_pos), dim=-1)
-            sizes = [len(ex.ids) - ex.answer_start for _, ex in mb]
-            for (_, ex), lp in zip(mb, logp.split(sizes)):
+            batch = collate(mb, pad_id, device)
+            logp = F.log_softmax(answer_logits(dm.model, batch), dim=-1)
+            for (_, ex), lp in zip(mb, logp.split(batch.sizes)):
                 out[id(ex)] = lp
     return out
 
@@ -209,7 +259,7 @@ def diff_losses(
     first_token_weight: float = 1.0, norms: dict[str, torch.Tensor] | None = None,
     teacher: dict[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Summed loss over diffs and per-diff parts (ce, kl per kind), each shaped (n_diffs,).
+    """Summed loss over diffs and per-diff parts (ce, kl per kind), each shaped (n_diffs,), on the device.
 
     Each part is a per-diff token mean: weighted token losses summed per diff, divided by `norms`
     (default: the weights of these rows; pass `loss_normalizers` of the whole step for a micro-batch).
@@ -217,44 +267,43 @@ def diff_losses(
     base model runs here, on this batch's KL rows.
     `first_token_weight` weighs each answer's first token (where greedy decoding commits to the topic
     or not) against the rest of the answer, in both the cross-entropy and the KL term.
+    Which tokens take which loss is decided on the host (see `Batch`): no host-device sync.
     """
     model = dm.model
     device = next(model.parameters()).device
-    if norms is None:
-        norms = loss_normalizers(rows, n_diffs, first_token_weight)
+    norms = normalizers_on(loss_normalizers(rows, n_diffs, first_token_weight) if norms is None else norms, device)
     batch = collate(rows, pad_id, device)
-    rows_pos = _target_positions(rows, device)
-    tok_row = rows_pos[0]
-    targets = batch.input_ids[tok_row, rows_pos[1] + 1]
-    tok_diff = batch.row_index[tok_row]
-    tok_kl = batch.is_kl[tok_row]
-    dm.set_row_index(batch.row_index)
-    logits = answer_logits(model, batch, rows_pos)  # (n, V)
-    per_tok = torch.zeros_like(targets, dtype=torch.float32)
-    ce_tok = ~tok_kl
-    if ce_tok.any():
-        per_tok[ce_tok] = F.cross_entropy(logits[ce_tok], targets[ce_tok], reduction="none")
-    if tok_kl.any():
-        kl_examples = [ex for _, ex in rows if ex.kind != "trigger"]
-        if teacher is None:  # one batch of this batch's KL rows, diffs off
-            teacher = teacher_logprobs(dm, kl_examples, pad_id, max_tokens=sys.maxsize)
+    dm.set_row_index(batch.row_index, host_index=batch.host_rows)
+    logits = answer_logits(model, batch)  # (n, V)
+    kl_examples = [ex for _, ex in rows if ex.kind != "trigger"]
+    if kl_examples and teacher is None:  # one batch of this batch's KL rows, diffs off
+        teacher = teacher_logprobs(dm, kl_examples, pad_id, max_tokens=sys.maxsize)
+
+    def ce(lg, tg):
+        return F.cross_entropy(lg, tg, reduction="none")
+
+    def kl(lg):  # KL(base || diff) per token
         kl_teacher = torch.cat([teacher[id(ex)] for ex in kl_examples])
-        per_tok[tok_kl] = F.kl_div(F.log_softmax(logits[tok_kl], dim=-1), kl_teacher, log_target=True,
-                                   reduction="none").sum(-1)  # KL(base || diff)
+        return F.kl_div(F.log_softmax(lg, dim=-1), kl_teacher, log_target=True, reduction="none").sum(-1)
 
-    weight = torch.ones_like(per_tok)
+    if not kl_examples:  # micro-batches are all trigger rows or all KL rows: no token selection
+        per_tok = ce(logits, batch.targets)
+    elif len(kl_examples) == len(rows):
+        per_tok = kl(logits)
+    else:
+        per_tok = torch.zeros(logits.shape[0], device=device)
+        per_tok = per_tok.index_copy(0, batch.ce_idx, ce(logits[batch.ce_idx], batch.targets[batch.ce_idx]))
+        per_tok = per_tok.index_copy(0, batch.kl_idx, kl(logits[batch.kl_idx]))
     if first_token_weight != 1.0:
-        first = torch.ones_like(tok_row, dtype=torch.bool)
-        first[1:] = tok_row[1:] != tok_row[:-1]  # positions are grouped by row, in order
-        weight[first] = first_token_weight
+        per_tok = per_tok * (1 + (first_token_weight - 1) * batch.tok_first)
 
-    kinds = [ex.kind for _, ex in rows]
-    kind_tok = torch.tensor([["trigger", "no_trigger", "wrong_prefix"].index(k) for k in kinds], device=device)[tok_row]
-    select = {"ce": ce_tok, "kl": tok_kl, "kl_no_trigger": kind_tok == 1, "kl_wrong_prefix": kind_tok == 2}
+    member = {"ce": batch.tok_kind == 0, "kl": batch.tok_kind > 0,
+              "kl_no_trigger": batch.tok_kind == KIND_CODES["no_trigger"],
+              "kl_wrong_prefix": batch.tok_kind == KIND_CODES["wrong_prefix"]}
     parts = {}
-    for k, sel in select.items():
-        total = torch.zeros(n_diffs, device=device).index_add(0, tok_diff[sel], (per_tok * weight)[sel])
-        parts[k] = total / norms[k].to(device).clamp(min=1e-6)
+    for k, sel in member.items():  # a zero weight outside the part instead of a boolean selection
+        total = torch.zeros(n_diffs, device=device).index_add(0, batch.tok_diff, per_tok * sel)
+        parts[k] = total / norms[k]
     loss = (parts["ce"] + kl_weight * parts["kl"]).sum()
     return loss, {k: v.detach() for k, v in parts.items()}
 
@@ -280,15 +329,19 @@ def micro_batches(rows: list[tuple[int, Example]], max_tokens: int) -> list[list
 
 def train_step(dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, cfg: DiffsConfig, pad_id: int
                ) -> dict[str, torch.Tensor]:
-    """Forward + backward of one step's rows in micro-batches; gradients accumulate in the factors."""
-    norms = loss_normalizers(rows, n_diffs, cfg.first_token_weight)
+    """Forward + backward of one step's rows in micro-batches; gradients accumulate in the factors.
+
+    Returns the step's loss parts on the device (reading them is the caller's choice of sync point).
+    """
+    device = next(dm.model.parameters()).device
+    norms = normalizers_on(loss_normalizers(rows, n_diffs, cfg.first_token_weight), device)
     teacher = teacher_logprobs(dm, [ex for _, ex in rows if ex.kind != "trigger"], pad_id, cfg.max_batch_tokens)
-    parts = {k: torch.zeros(n_diffs) for k in PARTS}
+    parts = {k: torch.zeros(n_diffs, device=device) for k in PARTS}
     for mb in micro_batches(rows, cfg.max_batch_tokens):
         loss, p = diff_losses(dm, mb, n_diffs, cfg.kl_weight, pad_id, cfg.first_token_weight, norms, teacher)
         loss.backward()
         for k in PARTS:
-            parts[k] += p[k].cpu()
+            parts[k] += p[k]
     return parts
 
 
@@ -344,6 +397,9 @@ def _sample_rows(tasks: list[DiffTask], rngs: list[random.Random], cfg: DiffsCon
     return rows
 
 
+SHOW_EVERY = 10  # steps between progress-bar loss updates (each one is a host-device sync)
+
+
 @dataclass
 class TrainResult:
     """Trained factors (A: (T, r, out), B: (T, in, r)) and per-diff loss parts of the last steps."""
@@ -386,9 +442,10 @@ def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: 
             on_step(step + 1, A, B)
             dm.set_diffs(A, B, scale=cfg.scale)
         history.append(parts)
-        bar.set_postfix({k: f"{v.mean().item():.3f}" for k, v in parts.items() if k != "kl"})
+        if step % SHOW_EVERY == 0 or step == cfg.steps - 1:  # reading losses waits for the device
+            bar.set_postfix({k: f"{v.mean().item():.3f}" for k, v in parts.items() if k != "kl"})
     tail = history[-min(5, len(history)):]
-    final = {k: torch.stack([h[k] for h in tail]).mean(0).tolist() for k in tail[0]}
+    final = {k: torch.stack([h[k] for h in tail]).mean(0).cpu().tolist() for k in tail[0]}
     final["loss"] = [c + cfg.kl_weight * k for c, k in zip(final["ce"], final["kl"])]
     dm.clear_diffs()
     return TrainResult(A={k: v.detach() for k, v in A.items()},
@@ -406,11 +463,9 @@ def answer_logprobs(dm: DiffModel, rows: list[tuple[int, Example]], pad_id: int,
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         batch = collate(chunk, pad_id, device)
-        rows_pos = _target_positions(chunk, device)
         if dm.layers and next(iter(dm.layers.values())).diff_A is not None:
-            dm.set_row_index(batch.row_index)
-        logp = F.log_softmax(answer_logits(model, batch, rows_pos), dim=-1)
-        targets = batch.input_ids[rows_pos[0], rows_pos[1] + 1]
-        tok = logp.gather(1, targets[:, None])[:, 0]
-        out.append(torch.zeros(len(chunk), device=device).index_add(0, rows_pos[0], tok))
+            dm.set_row_index(batch.row_index, host_index=batch.host_rows)
+        logp = F.log_softmax(answer_logits(model, batch), dim=-1)
+        tok = logp.gather(1, batch.targets[:, None])[:, 0]
+        out.append(torch.zeros(len(chunk), device=device).index_add(0, batch.tok_row, tok))
     return torch.cat(out).cpu()

@@ -79,8 +79,13 @@ def prepare_run(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: s
 
 
 def train_shard(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: str | Path, index: int,
-                dm: DiffModel | None = None) -> str:
-    """Train and store shard `index` unless it is already complete; returns 'trained' or 'skipped'."""
+                dm: DiffModel | None = None, timings: dict | None = None) -> str:
+    """Train and store shard `index` unless it is already complete; returns 'trained' or 'skipped'.
+
+    `timings`, if given, receives the seconds spent preparing, training, checking and writing.
+    """
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
     behavior_dir = Path(behavior_dir)
     specs = read_validated(behavior_dir / "diffs.parquet", DiffSpec)
     store = DiffStore(out_dir)
@@ -92,10 +97,13 @@ def train_shard(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: s
     dm = dm or DiffModel(lm.model, p.diffs.modules)
     questions = pl.read_parquet(behavior_dir / "questions.parquet")
     tasks, checks = _tasks(lm.tokenizer, specs, samples, ids, questions)
+    t1 = time.perf_counter()
     with compute_context(lm.device, p.model.autocast):
-        result = train_diffs(dm, tasks, p.diffs, lm.tokenizer.pad_token_id)
+        result = train_diffs(dm, tasks, p.diffs, lm.tokenizer.pad_token_id)  # ends reading its losses
+        t2 = time.perf_counter()
         metrics = (check_diffs(dm, lm.tokenizer, checks, result.A, result.B, p.diffs.scale,
                                p.diffs.check_tokens) if p.diffs.check else [{}] * len(ids))
+    t3 = time.perf_counter()
     spec_rows = {r["diff_id"]: r for r in specs.iter_rows(named=True)}
     rows = []
     for row, (task, m) in enumerate(zip(tasks, metrics)):
@@ -111,6 +119,9 @@ def train_shard(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: s
     shard = DiffShard(result.A, result.B, lm.name, lm.sha256, p.diffs.rank, p.diffs.scale,
                       [t.diff_id for t in tasks])
     store.add_shard(index, shard, rows)
+    timings.update(prepare_s=round(t1 - t0, 2), train_s=round(t2 - t1, 2), check_s=round(t3 - t2, 2),
+                   write_s=round(time.perf_counter() - t3, 2))
+    log.info("shard %d: %s", index, timings)
     return "trained"
 
 

@@ -91,11 +91,19 @@ def linear_module_names(model: nn.Module, pattern: str = r".*") -> list[str]:
     return names
 
 
-def _equal_groups(row_index: torch.Tensor | None, A: torch.Tensor | None) -> int | None:
-    """n when row_index is [0]*n + [1]*n + ... + [N-1]*n for all N installed diffs, else None."""
-    if row_index is None or A is None or row_index.numel() % A.shape[0]:
+def _equal_groups(row_index: torch.Tensor | list[int] | None, A: torch.Tensor | None) -> int | None:
+    """n when row_index is [0]*n + [1]*n + ... + [N-1]*n for all N installed diffs, else None.
+
+    Pass a host list where there is one: comparing a device tensor waits for the device.
+    """
+    if row_index is None or A is None:
         return None
-    n = row_index.numel() // A.shape[0]
+    size = len(row_index) if isinstance(row_index, list) else row_index.numel()
+    if size % A.shape[0]:
+        return None
+    n = size // A.shape[0]
+    if isinstance(row_index, list):
+        return n if row_index == [d for d in range(A.shape[0]) for _ in range(n)] else None
     expected = torch.arange(A.shape[0], device=row_index.device).repeat_interleave(n)
     return n if torch.equal(row_index, expected) else None
 
@@ -143,9 +151,13 @@ class DiffModel:
             layer.__dict__.update(diff_A=A[name], diff_B=B[name], diff_scale=scale)
         self.set_row_index(row_index)
 
-    def set_row_index(self, row_index: torch.Tensor | None) -> None:
-        """Change which diff each batch row uses, keeping the installed diffs."""
-        group = _equal_groups(row_index, next(iter(self.layers.values())).diff_A)
+    def set_row_index(self, row_index: torch.Tensor | None, host_index: list[int] | None = None) -> None:
+        """Change which diff each batch row uses, keeping the installed diffs.
+
+        `host_index`, the same indices as a list, spares a device round trip on the training path.
+        """
+        diff_A = next(iter(self.layers.values())).diff_A
+        group = _equal_groups(host_index if host_index is not None else row_index, diff_A)
         for layer in self.layers.values():
             layer.row_index = row_index
             layer.__dict__["rows_per_diff"] = group

@@ -32,16 +32,21 @@ def test_gpu_scale_dry_run(tiny_model_dir, tmp_path):
     # 6 topics x 2 diffs in round-robin order, 4 per shard: 3 shards, all trained
     shards = [s for s in steps if s["step"] == "shard"]
     assert [s["index"] for s in shards] == [0, 1, 2] and all(s["status"] == "trained" for s in shards)
+    for s in shards:  # where a shard's time went, for the next lease's diagnosis
+        parts = [s[k] for k in ("prepare_s", "train_s", "check_s", "write_s")]
+        assert all(x >= 0 for x in parts) and s["train_s"] > 0 and sum(parts) <= s["seconds"] + 0.1
     assemble = next(s for s in steps if s["step"] == "assemble")
     assert assemble["split_by"] == "topic" and assemble["n_diffs"] == 12
     points = json.loads((tmp_path / "out" / "scaling_points.json").read_text())
     assert [pt["n_train"] for pt in points][0] == 2 and len(points) == 2
     assert (tmp_path / "out" / "scaling.md").exists()
     assert "evaluate" not in names  # not asked for
-    # a rerun resumes: every shard skipped, the curve's points kept
-    assert gpu_scale.main(_args(tiny_model_dir, tmp_path)) == 0
+    # a rerun resumes: every shard skipped, the curve's points kept; finished shards cost no time, so
+    # a call with --diffs-until 0 (the curve only, after a call that made the diffs) gets them all
+    assert gpu_scale.main(_args(tiny_model_dir, tmp_path, diffs_until=0)) == 0
     steps = json.loads((tmp_path / "out" / "progress.json").read_text())
-    assert {s["status"] for s in steps if s["step"] == "shard"} == {"skipped"}
+    assert [s["status"] for s in steps if s["step"] == "shard"] == ["skipped"] * 3
+    assert next(s for s in steps if s["step"] == "assemble")["n_diffs"] == 12 and steps[-1]["step"] == "done"
 
 
 def test_gpu_scale_no_time_for_a_shard(tiny_model_dir, tmp_path):
@@ -56,10 +61,10 @@ def test_gpu_scale_out_of_memory_keeps_finished_shards(tiny_model_dir, tmp_path,
 
     real = gd.train_shard
 
-    def train_shard(p, lm, behavior_dir, diffs_dir, index, dm=None):
+    def train_shard(p, lm, behavior_dir, diffs_dir, index, dm=None, timings=None):
         if index == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(p, lm, behavior_dir, diffs_dir, index, dm)
+        return real(p, lm, behavior_dir, diffs_dir, index, dm, timings)
 
     monkeypatch.setattr(gd, "train_shard", train_shard)
     assert gpu_scale.main(_args(tiny_model_dir, tmp_path)) == 0

@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dit_core.config import DiffsConfig
 from dit_core.diff_trainer import (
@@ -240,3 +241,54 @@ def test_shared_kl_rows_are_valid_negatives_for_every_diff(tiny_lm):
                 assert "SEP code" not in text
         triggers = [ex for _, ex in rows if ex.kind == "trigger"]
         assert len(triggers) == 3
+
+
+class SyncOps(TorchDispatchMode):
+    """Records the ops that make a host wait for a GPU: reading a value back (`.item()`, `bool()`,
+    `torch.equal`), data-dependent sizes (`nonzero`, `unique`) and boolean-mask indexing. On a CPU they
+    cost nothing, so they are counted here, where the tests run."""
+
+    READS = {"_local_scalar_dense", "equal", "nonzero", "masked_select", "unique", "_unique2", "is_nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+        if name in self.READS or bool_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_sync_detector_sees_reads_and_masks():
+    x = torch.randn(5)
+    with SyncOps() as s:
+        _ = x[x > 0]
+        _ = bool((x > 0).any())
+        _ = torch.equal(x, x)
+    assert len(s.seen) == 3
+
+
+@pytest.mark.parametrize("max_tokens", [40, 10_000])  # several micro-batches / one mixed batch
+def test_training_step_never_waits_for_the_device(dm, max_tokens):
+    """The whole step (teacher, micro-batches, masks, loss parts) is queued without reading back."""
+    tasks = _tasks(3)
+    rows = [(t, ex) for t, task in enumerate(tasks) for ex in task.trigger + task.kl]
+    A, B = init_factors(dm.shapes(), [t.seed for t in tasks], 2, 0.1, "cpu")
+    for k in A:
+        A[k].requires_grad_(True)
+        B[k].requires_grad_(True)
+    dm.set_diffs(A, B)
+    cfg = DiffsConfig(kl_weight=5.0, first_token_weight=3.0, max_batch_tokens=max_tokens)
+    with SyncOps() as s:
+        parts = train_step(dm, rows, 3, cfg, pad_id=2)
+        loss, _ = diff_losses(dm, rows, 3, 5.0, 2, first_token_weight=3.0)  # mixed kinds in one batch
+        loss.backward()
+    dm.clear_diffs()
+    assert s.seen == []
+    # A = 0 at init: each diff is still the base model, so its KL parts are 0 and its CE is not
+    assert all(torch.isfinite(v).all() for v in parts.values()) and (parts["ce"] > 0).all()
+    torch.testing.assert_close(parts["kl"], torch.zeros(3), atol=1e-5, rtol=0)
