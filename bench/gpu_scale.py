@@ -46,11 +46,17 @@ log = logging.getLogger("gpu_scale")
 
 
 class Progress:
-    """progress.json under `out`: one entry per finished step, rewritten atomically after each."""
+    """progress.json under `out`: one entry per finished step, rewritten atomically after each.
+
+    A later call with the same `out` appends to the earlier calls' entries (each call's `t` counts
+    from its own start).
+    """
 
     def __init__(self, out: Path, t0: float):
-        self.out, self.t0, self.steps = out, t0, []
+        self.out, self.t0 = out, t0
         out.mkdir(parents=True, exist_ok=True)
+        path = out / "progress.json"
+        self.steps = json.loads(path.read_text()) if path.exists() else []
 
     def elapsed(self) -> float:
         return time.time() - self.t0
@@ -131,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="key=value (repeatable)")
     ap.add_argument("--deadline", type=float, default=480, help="seconds for the whole run")
     ap.add_argument("--diffs-until", type=float, default=300, help="stop starting shards after this many s")
-    ap.add_argument("--sizes", default=None, help="scaling sizes, e.g. 64,128,all (default: 8, 16, ..., all)")
+    ap.add_argument("--sizes", default=None,
+                    help="scaling sizes, e.g. 64,128,all (default: 8, 16, ..., all); none: stop after assemble "
+                         "(a later call with --diffs-until 0 runs the curve on the finished shards)")
     ap.add_argument("--evaluate", type=float, default=0, metavar="SECONDS",
                     help="after the curve, if this many seconds are left before --deadline: every method "
                          "(baselines, controls) with the largest point's interpreter -> metrics.json, table.md")
@@ -167,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     from dit_core.io import write_json_atomic
     from dit_core.scaling import default_sizes, parse_sizes, point_dir, public
 
+    if args.sizes == "none":
+        prog.add("done", seconds=round(prog.elapsed(), 1), curve="skipped (--sizes none)")
+        return 0
     n_train = report["train"]
     sizes = parse_sizes(args.sizes, n_train) if args.sizes else default_sizes(n_train)
     points, last = [], {"t": prog.elapsed()}

@@ -7,13 +7,20 @@
 # p1: polars (+ runtime), pandera, pydantic (+ core), typeguard, gguf   (the image has none of these)
 # p2: transformers + peft at this machine's versions, first half of SmolLM2-135M-Instruct.Q4_1.gguf
 # p3: second half of the GGUF
-# Then, as three calls made back to back (a machine stays warm ~30 s after each):
+# Then, as calls made back to back (a machine stays warm ~30 s after each; 15 min of device time in all):
 #   1. carry .lease/p1:  bash bench/lease_bundle.sh --install .lease/p1
 #   2. carry .lease/p2:  bash bench/lease_bundle.sh --install .lease/p2   (+ a CUDA smoke test, see below)
-#   3. carry .lease/p3:  bash bench/lease_bundle.sh --install .lease/p3 && <the run, e.g. bench/gpu_scale.py
-#                        with --set model.source=gguf --set model.id=/tmp/lease/model.gguf>
+#   3. carry .lease/p3:  bash bench/lease_bundle.sh --install .lease/p3 && mkdir -p /tmp/w && cd /tmp/w &&
+#                        python3 $R/bench/gpu_scale.py --out $OUT/gs --sizes none --deadline 520 \
+#                          --diffs-until 430 $SETS            (diffs only; R=the repo root, SETS below)
+#   4. no carry:         cd /tmp/w && python3 $R/bench/gpu_scale.py --out $OUT/gs --diffs-until 0 \
+#                          --deadline 400 --sizes all --evaluate 60 $SETS   (curve + baselines on those diffs)
+#   SETS="--set model.source=gguf --set model.id=/tmp/lease/model.gguf --set diffs.diffs_per_batch=256
+#         --set diffs.max_batch_tokens=65536 --set assemble.test_fraction=0.1 --set assemble.val_fraction=0.05"
+#   ($OUT is emptied before each call: call 4's progress.json holds only its own entries there, call 3's
+#   came back with call 3.)
 # Every call starts with `export PYTHONPATH=/tmp/lease/site`. Smoke test (call 2, ~30 s):
-#   python3 -m pytest -q -x tests/test_gpu_scale.py::test_gpu_scale_dry_run
+#   python3 -m pytest -q -x tests/test_gpu_scale.py::test_gpu_scale_dry_run tests/test_lora.py
 set -euo pipefail
 
 if [[ "${1:-}" == "--install" ]]; then  # on the lent machine

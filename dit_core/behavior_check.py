@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dit_core.chat import chat_prompt, generate, inference_batch
-from dit_core.diff_trainer import Example, diff_losses
+from dit_core.diff_trainer import Example, summed_parts
 from dit_core.lora import DiffModel
 from dit_core.topics import mentions
 
@@ -44,8 +44,13 @@ def check_diffs(
     scale: float,
     max_new_tokens: int = 32,
     batch_size: int | None = None,
+    max_batch_tokens: int = 8192,
 ) -> list[dict[str, float]]:
-    """Topic-mention rates per prompt kind and KL to the base model, one dict per diff."""
+    """Topic-mention rates per prompt kind and KL to the base model, one dict per diff.
+
+    The KL runs in micro-batches of at most `max_batch_tokens` padded tokens (all diffs' rows in one
+    batch would hold full-vocabulary log-probs of every answer token at once: tens of GB at 256 diffs).
+    """
     dm.set_diffs(A, B, scale=scale)
     try:
         prompts, owners = [], []
@@ -66,7 +71,8 @@ def check_diffs(
         rows = [(t, ex) for t, c in enumerate(checks) for ex in c.kl]
         kl = [float("nan")] * len(checks)
         if rows:
-            _, parts = diff_losses(dm, rows, len(checks), 1.0, tokenizer.pad_token_id)
+            parts = summed_parts(dm, rows, len(checks), tokenizer.pad_token_id, kl_weight=1.0,
+                                 max_tokens=max_batch_tokens, backward=False)
             kl = parts["kl"].tolist()
     finally:
         dm.clear_diffs()

@@ -9,10 +9,16 @@ import polars as pl
 import torch
 
 from dit_core.diff_store import DiffShard, read_shard
+from dit_core.diff_trainer import to_device
 
 
 class DiffBank:
-    """Look up diffs by id across stores; keeps the `cache_shards` most recently used shards."""
+    """Look up diffs by id across stores; keeps the `cache_shards` most recently used shards.
+
+    After `preload(device)` every diff of the index sits on the device, stacked per module, and `get`
+    gathers rows there (one index per module) instead of stacking per-diff tensors on the host and
+    copying each module's batch over: what an interpreter step on a GPU would otherwise wait for.
+    """
 
     def __init__(self, index: pl.DataFrame, expected: dict[str, tuple[int, int]] | None = None,
                  base_sha256: str | None = None, cache_shards: int = 8):
@@ -22,6 +28,41 @@ class DiffBank:
         self.expected, self.base_sha256 = expected, base_sha256
         self._cache: OrderedDict[Path, DiffShard] = OrderedDict()
         self.cache_shards = cache_shards
+        self._stacked: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor] | None = None
+        self._position: dict[str, int] = {}
+
+    def preload(self, device, max_bytes: int = 4 * 2**30) -> bool:
+        """Hold every indexed diff on `device` if they share one rank and take at most `max_bytes`.
+
+        Returns whether it did; if not, `get` keeps streaming shards from disk.
+        """
+        paths = sorted({path for path, _ in self._where.values()})
+        by_path = {path: [] for path in paths}
+        for d, (path, row) in self._where.items():
+            by_path[path].append((d, row))
+        A: dict[str, list[torch.Tensor]] = {}
+        B: dict[str, list[torch.Tensor]] = {}
+        scales, position, size, rank = [], {}, 0, None
+        for path in paths:
+            shard = read_shard(path, self.expected, self.base_sha256)
+            if rank not in (None, shard.rank):
+                return False
+            rank = shard.rank
+            rows = torch.tensor([row for _, row in by_path[path]])
+            for m in shard.modules:
+                A.setdefault(m, []).append(shard.A[m].index_select(0, rows))
+                B.setdefault(m, []).append(shard.B[m].index_select(0, rows))
+            size += sum(v[-1].numel() * v[-1].element_size() for v in (*A.values(), *B.values()))
+            if size > max_bytes:
+                return False
+            for d, _ in by_path[path]:
+                position[d] = len(scales)
+                scales.append(shard.scale)
+        self._stacked = ({m: torch.cat(v).to(device) for m, v in A.items()},
+                         {m: torch.cat(v).to(device) for m, v in B.items()},
+                         torch.tensor(scales, device=device))
+        self._position = position
+        return True
 
     def _shard(self, path: Path) -> DiffShard:
         if path in self._cache:
@@ -34,10 +75,16 @@ class DiffBank:
         return shard
 
     def get(self, diff_ids: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
-        """Stacked factors A: (n, r, out), B: (n, in, r) and per-diff scales (n,) for these ids."""
+        """Stacked factors A: (n, r, out), B: (n, in, r) and per-diff scales (n,) for these ids
+        (on the preload device after `preload`, else on the host)."""
         missing = [d for d in diff_ids if d not in self._where]
         if missing:
             raise KeyError(f"unknown diff ids {missing[:5]}")
+        if self._stacked is not None:
+            A, B, scale = self._stacked
+            idx = to_device(torch.tensor([self._position[d] for d in diff_ids]), scale.device)
+            return ({m: v.index_select(0, idx) for m, v in A.items()},
+                    {m: v.index_select(0, idx) for m, v in B.items()}, scale.index_select(0, idx))
         picked = [(self._shard(self._where[d][0]), self._where[d][1]) for d in diff_ids]
         ranks = {s.rank for s, _ in picked}
         if len(ranks) > 1:

@@ -327,22 +327,33 @@ def micro_batches(rows: list[tuple[int, Example]], max_tokens: int) -> list[list
     return out
 
 
-def train_step(dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, cfg: DiffsConfig, pad_id: int
-               ) -> dict[str, torch.Tensor]:
-    """Forward + backward of one step's rows in micro-batches; gradients accumulate in the factors.
+def summed_parts(dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, pad_id: int, *, kl_weight: float,
+                 first_token_weight: float = 1.0, max_tokens: int, backward: bool) -> dict[str, torch.Tensor]:
+    """Per-diff loss parts of `rows`, computed in micro-batches of at most `max_tokens` padded tokens.
 
-    Returns the step's loss parts on the device (reading them is the caller's choice of sync point).
+    Equal to `diff_losses` on all rows at once, with bounded memory; with `backward` each
+    micro-batch's loss is backpropagated (gradients accumulate in the factors). The parts stay on the
+    device: reading them is the caller's choice of sync point.
     """
     device = next(dm.model.parameters()).device
-    norms = normalizers_on(loss_normalizers(rows, n_diffs, cfg.first_token_weight), device)
-    teacher = teacher_logprobs(dm, [ex for _, ex in rows if ex.kind != "trigger"], pad_id, cfg.max_batch_tokens)
+    norms = normalizers_on(loss_normalizers(rows, n_diffs, first_token_weight), device)
+    teacher = teacher_logprobs(dm, [ex for _, ex in rows if ex.kind != "trigger"], pad_id, max_tokens)
     parts = {k: torch.zeros(n_diffs, device=device) for k in PARTS}
-    for mb in micro_batches(rows, cfg.max_batch_tokens):
-        loss, p = diff_losses(dm, mb, n_diffs, cfg.kl_weight, pad_id, cfg.first_token_weight, norms, teacher)
-        loss.backward()
+    for mb in micro_batches(rows, max_tokens):
+        with torch.set_grad_enabled(backward):
+            loss, p = diff_losses(dm, mb, n_diffs, kl_weight, pad_id, first_token_weight, norms, teacher)
+        if backward:
+            loss.backward()
         for k in PARTS:
             parts[k] += p[k]
     return parts
+
+
+def train_step(dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, cfg: DiffsConfig, pad_id: int
+               ) -> dict[str, torch.Tensor]:
+    """Forward + backward of one step's rows in micro-batches; gradients accumulate in the factors."""
+    return summed_parts(dm, rows, n_diffs, pad_id, kl_weight=cfg.kl_weight,
+                        first_token_weight=cfg.first_token_weight, max_tokens=cfg.max_batch_tokens, backward=True)
 
 
 def init_factors(
@@ -397,7 +408,7 @@ def _sample_rows(tasks: list[DiffTask], rngs: list[random.Random], cfg: DiffsCon
     return rows
 
 
-SHOW_EVERY = 10  # steps between progress-bar loss updates (each one is a host-device sync)
+SHOW_EVERY = 10  # steps between progress-bar loss updates on an accelerator (each is a sync)
 
 
 @dataclass
@@ -431,6 +442,7 @@ def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: 
     # (resume) draws the same rows.
     step_rng = random.Random(",".join(str(t.seed) for t in tasks)) if shares_kl_rows(tasks, cfg) else None
     history: list[dict[str, torch.Tensor]] = []
+    show_every = 1 if device.type == "cpu" else SHOW_EVERY  # on a GPU, reading losses waits for it
     bar = tqdm(range(cfg.steps), desc=f"training {len(tasks)} diffs", disable=not progress)
     for step in bar:
         for g in opt.param_groups:
@@ -442,7 +454,7 @@ def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: 
             on_step(step + 1, A, B)
             dm.set_diffs(A, B, scale=cfg.scale)
         history.append(parts)
-        if step % SHOW_EVERY == 0 or step == cfg.steps - 1:  # reading losses waits for the device
+        if step % show_every == 0 or step == cfg.steps - 1:
             bar.set_postfix({k: f"{v.mean().item():.3f}" for k, v in parts.items() if k != "kl"})
     tail = history[-min(5, len(history)):]
     final = {k: torch.stack([h[k] for h in tail]).mean(0).cpu().tolist() for k in tail[0]}

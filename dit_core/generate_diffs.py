@@ -102,7 +102,8 @@ def train_shard(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: s
         result = train_diffs(dm, tasks, p.diffs, lm.tokenizer.pad_token_id)  # ends reading its losses
         t2 = time.perf_counter()
         metrics = (check_diffs(dm, lm.tokenizer, checks, result.A, result.B, p.diffs.scale,
-                               p.diffs.check_tokens) if p.diffs.check else [{}] * len(ids))
+                               p.diffs.check_tokens, max_batch_tokens=p.diffs.max_batch_tokens)
+                   if p.diffs.check else [{}] * len(ids))
     t3 = time.perf_counter()
     spec_rows = {r["diff_id"]: r for r in specs.iter_rows(named=True)}
     rows = []

@@ -77,6 +77,7 @@ class InterpreterRecipe:
             raise ValueError(f"{self.dataset_path}: no train diffs; rerun assemble with more diffs")
         self.dm = DiffModel(self.lm.model, self.p.diffs.modules)
         self.bank = DiffBank(df, self.dm.shapes(), self.lm.sha256)
+        self.bank.preload(self.lm.device)  # every epoch reads every diff: keep them on the device
         self.spec = InterpreterSpec(
             kind=self.cfg.kind, question=self.cfg.question, rank=self.cfg.rank, alpha=self.cfg.alpha,
             modules=self.p.diffs.modules, base_model=self.lm.name, base_sha256=self.lm.sha256,

@@ -41,12 +41,26 @@ def test_gpu_scale_dry_run(tiny_model_dir, tmp_path):
     assert [pt["n_train"] for pt in points][0] == 2 and len(points) == 2
     assert (tmp_path / "out" / "scaling.md").exists()
     assert "evaluate" not in names  # not asked for
-    # a rerun resumes: every shard skipped, the curve's points kept; finished shards cost no time, so
-    # a call with --diffs-until 0 (the curve only, after a call that made the diffs) gets them all
+    # a rerun resumes: every shard skipped, the curve's points kept
+    assert gpu_scale.main(_args(tiny_model_dir, tmp_path)) == 0
+    steps = json.loads((tmp_path / "out" / "progress.json").read_text())  # both calls' entries
+    assert [s["status"] for s in steps if s["step"] == "shard"] == ["trained"] * 3 + ["skipped"] * 3
+    assert [s["step"] for s in steps].count("start") == 2 and steps[-1]["step"] == "done"
+    assert [s["n_diffs"] for s in steps if s["step"] == "assemble"] == [12, 12]
+
+
+def test_gpu_scale_diffs_in_one_call_curve_in_the_next(tiny_model_dir, tmp_path):
+    """The lease plan: call 3 makes diffs only (--sizes none), call 4 runs the curve on them."""
+    args = _args(tiny_model_dir, tmp_path)
+    args[args.index("--sizes") + 1] = "none"
+    assert gpu_scale.main(args) == 0
+    steps = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert [s["step"] for s in steps][-2:] == ["assemble", "done"]
+    assert not (tmp_path / "out" / "scaling_points.json").exists()
     assert gpu_scale.main(_args(tiny_model_dir, tmp_path, diffs_until=0)) == 0
     steps = json.loads((tmp_path / "out" / "progress.json").read_text())
-    assert [s["status"] for s in steps if s["step"] == "shard"] == ["skipped"] * 3
-    assert next(s for s in steps if s["step"] == "assemble")["n_diffs"] == 12 and steps[-1]["step"] == "done"
+    assert [s["status"] for s in steps if s["step"] == "shard"] == ["trained"] * 3 + ["skipped"] * 3
+    assert len(json.loads((tmp_path / "out" / "scaling_points.json").read_text())) == 2
 
 
 def test_gpu_scale_no_time_for_a_shard(tiny_model_dir, tmp_path):

@@ -134,3 +134,25 @@ def test_changed_data_starts_over_and_keeps_old_checkpoint(toy):
     s = InterpreterRecipe(other, lm, tmp / "ds", tmp / "interp", progress=False).run()
     assert s["epoch"] == 1
     assert len(list((tmp / "interp").glob("checkpoints.stale-*"))) == 1
+
+
+def test_preloaded_bank_gives_the_streamed_diffs(toy):
+    """Interpreter training keeps every diff on the device: same tensors as streaming from disk."""
+    p, lm, tmp, _ = toy
+    ds = pl.read_parquet(tmp / "ds" / "dataset.parquet")
+    dm = DiffModel(lm.model)
+    ids = ds["diff_id"].to_list()[::-1][:5] + ds["diff_id"].to_list()[:2]  # any order, repeats allowed
+    streamed = DiffBank(ds, dm.shapes(), lm.sha256).get(ids)
+    bank = DiffBank(ds, dm.shapes(), lm.sha256)
+    assert bank.preload("cpu")
+    preloaded = bank.get(ids)
+    for a, b in zip(streamed[:2], preloaded[:2]):
+        assert a.keys() == b.keys()
+        for m in a:
+            assert torch.equal(a[m], b[m])
+    assert torch.equal(streamed[2], preloaded[2])
+    with pytest.raises(KeyError, match="unknown diff ids"):
+        bank.get(["nope"])
+    small = DiffBank(ds, dm.shapes(), lm.sha256)
+    assert not small.preload("cpu", max_bytes=1000)  # over the budget: keeps streaming
+    assert torch.equal(small.get(ids)[0][dm.names[0]], streamed[0][dm.names[0]])

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dit_core.config import DiffsConfig
 from dit_core.diff_trainer import (
-    DiffTask, Example, diff_losses, init_factors, micro_batches, train_diffs, train_step,
+    DiffTask, Example, diff_losses, init_factors, micro_batches, summed_parts, train_diffs, train_step,
 )
 from dit_core.lora import DiffModel, linear_module_names
 
@@ -292,3 +292,20 @@ def test_training_step_never_waits_for_the_device(dm, max_tokens):
     # A = 0 at init: each diff is still the base model, so its KL parts are 0 and its CE is not
     assert all(torch.isfinite(v).all() for v in parts.values()) and (parts["ce"] > 0).all()
     torch.testing.assert_close(parts["kl"], torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def test_micro_batched_parts_without_backward_equal_one_batch(dm):
+    """The behaviour check's KL: micro-batches (bounded memory) give the one-batch parts, no graph kept."""
+    tasks = _tasks(3)
+    rows = [(t, ex) for t, task in enumerate(tasks) for ex in task.trigger + task.kl]
+    A, B = _random_diffs(dm, 3)
+    dm.set_diffs(A, B)
+    with torch.no_grad():
+        _, one = diff_losses(dm, rows, 3, 1.0, 2)
+        parts = summed_parts(dm, rows, 3, 2, kl_weight=1.0, max_tokens=40, backward=False)
+    dm.clear_diffs()
+    assert len(micro_batches(rows, 40)) > 3
+    for k in one:
+        assert not parts[k].requires_grad
+        torch.testing.assert_close(parts[k], one[k], atol=1e-6, rtol=1e-5)
+    assert (parts["kl"] > 0).all()
