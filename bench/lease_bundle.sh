@@ -19,8 +19,9 @@
 #         --set diffs.max_batch_tokens=65536 --set assemble.test_fraction=0.1 --set assemble.val_fraction=0.05"
 #   ($OUT is emptied before each call: call 4's progress.json holds only its own entries there, call 3's
 #   came back with call 3.)
-# Every call starts with `export PYTHONPATH=/tmp/lease/site`. Smoke test (call 2, ~30 s):
-#   python3 -m pytest -q -x tests/test_gpu_scale.py::test_gpu_scale_dry_run tests/test_lora.py
+# Every call starts with `export PYTHONPATH=/tmp/lease/site`. Checks (call 2, ~1 min; stop if they fail):
+#   python3 bench/gpu_checks.py --out $OUT/gpu_checks.json      (device vs CPU, syncs per step, bank, bf16)
+#   python3 -m pytest -q -x tests/test_gpu_scale.py::test_gpu_scale_dry_run   (the driver on CUDA, tiny model)
 set -euo pipefail
 
 if [[ "${1:-}" == "--install" ]]; then  # on the lent machine

@@ -137,9 +137,12 @@ class Batch:
 
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on `device`; to a GPU through pinned memory without blocking the host."""
+    """`t` on `device`: from the host to a GPU through pinned memory, without blocking the host;
+    unchanged if it is there already."""
     device = torch.device(device)
-    if device.type == "cuda":
+    if t.device == device or (device.type == t.device.type and device.index is None):
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
@@ -271,7 +274,9 @@ def diff_losses(
     """
     model = dm.model
     device = next(model.parameters()).device
-    norms = normalizers_on(loss_normalizers(rows, n_diffs, first_token_weight) if norms is None else norms, device)
+    if norms is None:
+        norms = loss_normalizers(rows, n_diffs, first_token_weight)
+    norms = normalizers_on(norms, device)  # host norms are copied once; device norms stay
     batch = collate(rows, pad_id, device)
     dm.set_row_index(batch.row_index, host_index=batch.host_rows)
     logits = answer_logits(model, batch)  # (n, V)

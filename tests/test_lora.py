@@ -4,13 +4,13 @@ import random
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dit_core.config import DiffsConfig
 from dit_core.diff_trainer import (
     DiffTask, Example, diff_losses, init_factors, micro_batches, summed_parts, train_diffs, train_step,
 )
 from dit_core.lora import DiffModel, linear_module_names
+from dit_core.syncs import SyncOps
 
 
 @pytest.fixture()
@@ -243,26 +243,6 @@ def test_shared_kl_rows_are_valid_negatives_for_every_diff(tiny_lm):
         assert len(triggers) == 3
 
 
-class SyncOps(TorchDispatchMode):
-    """Records the ops that make a host wait for a GPU: reading a value back (`.item()`, `bool()`,
-    `torch.equal`), data-dependent sizes (`nonzero`, `unique`) and boolean-mask indexing. On a CPU they
-    cost nothing, so they are counted here, where the tests run."""
-
-    READS = {"_local_scalar_dense", "equal", "nonzero", "masked_select", "unique", "_unique2", "is_nonzero"}
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        bool_index = name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
-        if name in self.READS or bool_index:
-            self.seen.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 def test_sync_detector_sees_reads_and_masks():
     x = torch.randn(5)
     with SyncOps() as s:
@@ -309,3 +289,16 @@ def test_micro_batched_parts_without_backward_equal_one_batch(dm):
         assert not parts[k].requires_grad
         torch.testing.assert_close(parts[k], one[k], atol=1e-6, rtol=1e-5)
     assert (parts["kl"] > 0).all()
+
+
+def test_to_device_keeps_tensors_already_there():
+    """summed_parts hands diff_losses normalisers already on the device: they must pass through
+    untouched (pinning is for host tensors only; pinning a GPU tensor raises)."""
+    from dit_core.diff_trainer import normalizers_on, to_device
+
+    t = torch.arange(4.0)
+    assert to_device(t, "cpu") is t and to_device(t, torch.device("cpu")) is t
+    norms = {k: torch.full((3,), 2.0) for k in ("ce", "kl", "kl_no_trigger", "kl_wrong_prefix")}
+    once = normalizers_on(norms, "cpu")
+    twice = normalizers_on(once, "cpu")
+    assert all(torch.equal(once[k], twice[k]) for k in once)
