@@ -57,44 +57,44 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref.double()).norm() / ref.double().norm().clamp(min=1e-30))
 
 
-def one_step(dm: DiffModel, tasks, A0, B0, cfg: DiffsConfig, device):
-    """Loss parts and factor gradients of one training step from factors A0, B0 (returned on the CPU)."""
-    a = {k: v.to(device).clone().requires_grad_(True) for k, v in A0.items()}
-    b = {k: v.to(device).clone().requires_grad_(True) for k, v in B0.items()}
+def upload(A0, B0, device):
+    """Fresh trainable copies of the factors on `device`."""
+    return ({k: v.to(device).clone().requires_grad_(True) for k, v in A0.items()},
+            {k: v.to(device).clone().requires_grad_(True) for k, v in B0.items()})
+
+
+def one_step(dm: DiffModel, tasks, a, b, cfg: DiffsConfig, read_back: bool = True):
+    """Loss parts and factor gradients of one training step with trainable factors a, b (returned on the
+    CPU); with read_back=False nothing comes back to the host (that is the caller's sync, not the step's)."""
     dm.set_diffs(a, b, scale=1.0)
     rows = [(t, ex) for t, task in enumerate(tasks) for ex in task.trigger + task.kl]
     parts = train_step(dm, rows, len(tasks), cfg, PAD)
     dm.clear_diffs()
+    if not read_back:
+        return None
     return ({k: v.cpu() for k, v in parts.items()}, {k: v.grad.cpu() for k, v in a.items()},
             {k: v.grad.cpu() for k, v in b.items()})
 
 
 def count_step_syncs(dm: DiffModel, tasks, A0, B0, cfg: DiffsConfig, device) -> tuple[int, list[str]]:
-    """Syncs in one training step (after a warm-up step), with where they came from."""
-    one_step(dm, tasks, A0, B0, cfg, device)  # warm-up: library handles, allocator
+    """Syncs in one training step (after a warm-up step), with where they came from. The factors are
+    uploaded before counting: in training they live on the device."""
+    one_step(dm, tasks, *upload(A0, B0, device), cfg)  # warm-up: library handles, allocator
+    a, b = upload(A0, B0, device)
     if device.type == "cuda":
+        torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                one_step_no_readback(dm, tasks, A0, B0, cfg, device)
+                one_step(dm, tasks, a, b, cfg, read_back=False)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         hits = [f"{Path(w.filename).name}:{w.lineno}" for w in seen if "synchroniz" in str(w.message)]
         return len(hits), sorted(set(hits))
     with SyncOps() as s:
-        one_step_no_readback(dm, tasks, A0, B0, cfg, device)
+        one_step(dm, tasks, a, b, cfg, read_back=False)
     return len(s.seen), sorted(set(s.seen))
-
-
-def one_step_no_readback(dm: DiffModel, tasks, A0, B0, cfg: DiffsConfig, device) -> None:
-    """As one_step, but nothing is read back to the host (that is the caller's sync, not the step's)."""
-    a = {k: v.to(device).clone().requires_grad_(True) for k, v in A0.items()}
-    b = {k: v.to(device).clone().requires_grad_(True) for k, v in B0.items()}
-    dm.set_diffs(a, b, scale=1.0)
-    rows = [(t, ex) for t, task in enumerate(tasks) for ex in task.trigger + task.kl]
-    train_step(dm, rows, len(tasks), cfg, PAD)
-    dm.clear_diffs()
 
 
 def check_bank(dm: DiffModel, device) -> bool:
@@ -151,8 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     A0 = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in A0.items()}  # B gets a gradient too
     cfg = DiffsConfig(kl_weight=5.0, first_token_weight=3.0, max_batch_tokens=40)
 
-    ref = one_step(cpu_dm, tasks, A0, B0, cfg, torch.device("cpu"))
-    got = one_step(dev_dm, tasks, A0, B0, cfg, device)
+    ref = one_step(cpu_dm, tasks, *upload(A0, B0, "cpu"), cfg)
+    got = one_step(dev_dm, tasks, *upload(A0, B0, device), cfg)
     errs = {"parts": max(rel_err(got[0][k], ref[0][k]) for k in ref[0] if ref[0][k].abs().sum() > 0),
             "grad_A": max(rel_err(got[1][k], ref[1][k]) for k in ref[1]),
             "grad_B": max(rel_err(got[2][k], ref[2][k]) for k in ref[2])}

@@ -223,13 +223,13 @@ def loss_normalizers(rows: list[tuple[int, Example]], n_diffs: int, first_token_
     Computed once over a whole step's rows, they let the step run as several micro-batches whose
     losses add up to exactly the loss of one big batch.
     """
-    norms = {k: torch.zeros(n_diffs) for k in PARTS}
+    norms = {k: [0.0] * n_diffs for k in PARTS}  # Python floats: a step has hundreds of rows
     for t, ex in rows:
         n = len(ex.ids) - ex.answer_start
         if n > 0:
             for k in _token_groups(ex.kind):
                 norms[k][t] += n - 1 + first_token_weight
-    return norms
+    return {k: torch.tensor(v) for k, v in norms.items()}
 
 
 def normalizers_on(norms: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
