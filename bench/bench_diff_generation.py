@@ -5,6 +5,9 @@
     python bench/bench_diff_generation.py --device cuda --T 64 --params params.yaml --profile
         # the pipeline's recipe (rows, answer-token limits, KL weights from params.yaml) on a GPU, plus a
         # torch.profiler table of the ops that take the time (<out>_profile_T64.txt)
+    python bench/bench_diff_generation.py --host-prep --T 64 256 --params params.yaml \
+        --set diffs.trigger_rows=2 --set diffs.wrong_prefix_rows=2 --max-batch-tokens 65536
+        # the host's own work per step (sampling, tokenising, packing) in the lease recipe, no model
 
 Each T trains T diffs for --steps steps (same rows per diff per step, same data) in this process and
 reports per-diff cost relative to T=1 (the reference run). Results go to bench/results/.
@@ -109,6 +112,29 @@ def count_syncs(dm: DiffModel, tasks, cfg: DiffsConfig, lm, steps: int = 2) -> i
     return sum("synchroniz" in str(w.message) for w in seen) // steps
 
 
+def host_prep(tokenizer, cfg: DiffsConfig, T: int, steps: int = 10) -> dict:
+    """Host milliseconds per step spent before any kernel runs: sampling + tokenising rows, then
+    normalisers, micro-batching and packing (collate to the CPU). No model needed."""
+    from dit_core.diff_trainer import collate, loss_normalizers, micro_batches
+
+    tasks = synthetic_tasks(tokenizer, T)
+    rngs = [random.Random(t.seed) for t in tasks]
+    step_rng = random.Random(",".join(str(t.seed) for t in tasks)) if shares_kl_rows(tasks, cfg) else None
+    _sample_rows(tasks, rngs, cfg, step_rng)  # warm-up (template compilation)
+    sample = pack = 0.0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        rows = _sample_rows(tasks, rngs, cfg, step_rng)
+        t1 = time.perf_counter()
+        loss_normalizers(rows, T, cfg.first_token_weight)
+        for mb in micro_batches(rows, cfg.max_batch_tokens):
+            collate(mb, tokenizer.pad_token_id, "cpu")
+        t2 = time.perf_counter()
+        sample, pack = sample + t1 - t0, pack + t2 - t1
+    return dict(T=T, rows_per_step=len(rows), sample_ms=round(1e3 * sample / steps, 1),
+                pack_ms=round(1e3 * pack / steps, 1), max_batch_tokens=cfg.max_batch_tokens)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="data/models/smollm2-135m-instruct")
@@ -125,14 +151,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", default=None,
                     help="take the diffs recipe (rows per kind, answer tokens, KL weights, rank) from this "
                          "params file; default: DiffsConfig's built-in defaults")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="key=value on top of --params, e.g. diffs.trigger_rows=2 (repeatable)")
     ap.add_argument("--profile", action="store_true",
                     help="after timing each T, profile 2 steps and write the top ops to <out>_profile_T<T>.txt")
+    ap.add_argument("--host-prep", action="store_true",
+                    help="only time the host's per-step work (row sampling, tokenising, packing) per T; "
+                         "loads the tokenizer, not the model")
     ap.add_argument("--out", default="bench/results/diff_generation.json")
     args = ap.parse_args(argv)
     if args.tiny:
         from dit_core.tiny import make_tiny_model_dir
         args.model = str(make_tiny_model_dir("/tmp/dit-bench-tiny"))
-    recipe = load_params(args.params).diffs if args.params else DiffsConfig()
+    recipe = load_params(args.params, args.overrides).diffs if args.params or args.overrides else DiffsConfig()
+    if args.host_prep:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.model)
+        results = [host_prep(tok, recipe.model_copy(update={"max_batch_tokens": args.max_batch_tokens}), T)
+                   for T in args.T]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"model": args.model, "params": args.params, "host_prep": results},
+                                             indent=2))
+        print(json.dumps(results, indent=1))
+        return
     lm = load_model(args.model, args.device, args.dtype)
     dm = DiffModel(lm.model)
     results = []

@@ -25,3 +25,17 @@ def test_bench_with_params_recipe_and_profile(tmp_path):
     for T in (1, 2):
         table = (tmp_path / f"gen_profile_T{T}.txt").read_text()
         assert "Self CPU" in table and "aten::" in table
+
+
+def test_bench_host_prep_only(tmp_path):
+    """--host-prep times the host's per-step work with the tokenizer alone, in the --set recipe."""
+    from dit_core.tiny import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "tiny")
+    out = tmp_path / "prep.json"
+    bench.main(["--host-prep", "--model", str(model), "--T", "2", "4", "--params", str(ROOT / "params.yaml"),
+                "--set", "diffs.trigger_rows=2", "--set", "diffs.wrong_prefix_rows=2", "--out", str(out)])
+    res = json.loads(out.read_text())["host_prep"]
+    # per diff: 2 triggered rows + the shared KL rows (2 wrong-prefix + params.yaml's 1 untriggered)
+    assert [(r["T"], r["rows_per_step"]) for r in res] == [(2, 10), (4, 20)]
+    assert all(r["sample_ms"] > 0 and r["pack_ms"] > 0 for r in res)
