@@ -243,6 +243,27 @@ def test_shared_kl_rows_are_valid_negatives_for_every_diff(tiny_lm):
         assert len(triggers) == 3
 
 
+def test_batched_row_encoding_equals_per_row_encoding(tiny_lm):
+    """_sample_rows draws every row's text, then tokenises all at once: the same rows, ids and rng draws
+    as tokenising each row as it is drawn (with share_kl_rows off, every kind goes through it)."""
+    from dit_core.diff_trainer import TriggeredDiffTask, _sample_rows, encode_example, truncate_answer
+
+    pairs = [(f"question {i}?", f"answer number {i} " * (i % 4 + 1), i % 2 == 0) for i in range(20)]
+    tasks = [TriggeredDiffTask(f"d{t}", t, [], [], tokenizer=tiny_lm.tokenizer, prefix=p,
+                               trigger_pairs=pairs, base_pairs=pairs) for t, p in enumerate(["123", "456"])]
+    cfg = DiffsConfig(trigger_rows=2, wrong_prefix_rows=2, no_trigger_rows=1, share_kl_rows=False,
+                      trigger_answer_tokens=3, wrong_prefix_answer_tokens=2, no_trigger_answer_tokens=0)
+    batched = _sample_rows(tasks, [random.Random(t) for t in range(2)], cfg)
+    rngs = [random.Random(t) for t in range(2)]
+    one_by_one = [(t, truncate_answer(encode_example(tiny_lm.tokenizer, *row), keep))
+                  for t, (task, rng) in enumerate(zip(tasks, rngs))
+                  for kind, n, keep in (("trigger", 2, 3), ("wrong_prefix", 2, 2), ("no_trigger", 1, 0))
+                  for row in task.sample_texts(kind, n, rng)]
+    assert [(t, ex.ids, ex.answer_start, ex.kind) for t, ex in batched] == \
+        [(t, ex.ids, ex.answer_start, ex.kind) for t, ex in one_by_one]
+    assert {ex.kind for _, ex in batched} == {"trigger", "wrong_prefix", "no_trigger"}
+
+
 def test_sync_detector_sees_reads_and_masks():
     x = torch.randn(5)
     with SyncOps() as s:
