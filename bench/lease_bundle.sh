@@ -10,11 +10,14 @@
 # Then, as calls made back to back (a machine stays warm ~30 s after each; 15 min of device time in all):
 #   1. carry .lease/p1:  bash bench/lease_bundle.sh --install .lease/p1
 #   2. carry .lease/p2:  bash bench/lease_bundle.sh --install .lease/p2   (+ a CUDA smoke test, see below)
-#   3. carry .lease/p3:  bash bench/lease_bundle.sh --install .lease/p3 && mkdir -p /tmp/w && cd /tmp/w &&
-#                        python3 $R/bench/gpu_scale.py --out $OUT/gs --sizes none --deadline 520 \
-#                          --diffs-until 430 $SETS            (diffs only; R=the repo root, SETS below)
-#   4. no carry:         cd /tmp/w && python3 $R/bench/gpu_scale.py --out $OUT/gs --diffs-until 0 \
-#                          --deadline 400 --sizes all --evaluate 60 $SETS   (curve + baselines on those diffs)
+#   3. carry .lease/p3:  R=$PWD; bash bench/lease_bundle.sh --install .lease/p3 && mkdir -p /tmp/w &&
+#                        cd /tmp/w && python3 $R/bench/gpu_scale.py --out $OUT/gs --sizes none \
+#                          --deadline 400 --diffs-until 330 $SETS      (diffs only; SETS below)
+#   4. no carry:         R=$PWD; cd /tmp/w && python3 $R/bench/gpu_scale.py --out $OUT/gs --diffs-until 0 \
+#                          --deadline 280 --sizes all --evaluate 60 $SETS   (curve + baselines on those diffs)
+#   Budget: a start (~90 s) + calls 1-2 (~110 s) + call 3 (<= 400 s) + call 4 (<= 280 s) ~ 880 of 900 s.
+#   Call 3 spends ~65 s on GGUF conversion and behaviour data, then ~265 s on diffs: ~1,250 diffs need
+#   <= 0.2 s per diff (0.98 at T=64 on the last lease); read each shard's train_s in call 3's progress.json.
 #   SETS="--set model.source=gguf --set model.id=/tmp/lease/model.gguf --set diffs.diffs_per_batch=256
 #         --set diffs.max_batch_tokens=65536 --set assemble.test_fraction=0.1 --set assemble.val_fraction=0.05"
 #   ($OUT is emptied before each call: call 4's progress.json holds only its own entries there, call 3's
