@@ -206,7 +206,8 @@ def attention_mask_for(model, mask: torch.Tensor) -> torch.Tensor:
 
     Given the 2D padding mask, transformers checks on every forward whether it has any padding, which
     reads it back from the device; a prepared 4D mask is used as it is. Other attention kernels get
-    the 2D mask.
+    the 2D mask. (A prepared mask also stands in for a sliding-window mask: the same here, where rows
+    are a few hundred tokens, far shorter than any model's window.)
     """
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return mask
