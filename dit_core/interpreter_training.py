@@ -67,6 +67,9 @@ class InterpreterRecipe:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.log_metrics = log_metrics or (lambda m, s: None)
         self.progress = progress
+        # Reading a loss waits for the device: on an accelerator the step losses are read (and logged,
+        # with their own step numbers) once per epoch, on a CPU after every step.
+        self.read_losses_every_step = lm.device.type == "cpu"
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -183,25 +186,31 @@ class InterpreterRecipe:
             micro = [order.slice(i, cfg.batch_size) for i in range(0, order.height, cfg.batch_size)]
             bar = tqdm(range(0, len(micro), cfg.grad_accum), desc=f"interpreter epoch {epoch + 1}/{cfg.epochs}",
                        disable=not self.progress)
-            losses = []
+            losses: list[float] = []
+            pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on the device)
             for start in bar:
                 lr = self._lr(self.state["step"])
                 for g in self.opt.param_groups:
                     g["lr"] = lr
                 self.opt.zero_grad(set_to_none=True)
                 group = micro[start : start + cfg.grad_accum]
-                total = 0.0
+                total = torch.zeros((), device=self.lm.device)
                 for rows in group:
                     A, B, scale, ex = self._batch(rows)
                     loss = self.interp.loss_with_grad(A, B, scale, ex, pad) / len(group)
                     loss.backward()
-                    total += loss.item()
+                    total = total + loss.detach()
                 self.opt.step()
                 self.dm.clear_diffs()
                 self.state["step"] += 1
-                losses.append(total)
-                bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.1e}")
-                self.log_metrics({"train_loss": total, "lr": lr}, self.state["step"])
+                pending.append((self.state["step"], lr, total))
+                if self.read_losses_every_step or start + cfg.grad_accum >= len(micro):
+                    values = torch.stack([t for _, _, t in pending]).tolist()
+                    for (step, step_lr, _), value in zip(pending, values):
+                        self.log_metrics({"train_loss": value, "lr": step_lr}, step)
+                    losses += values
+                    pending = []
+                    bar.set_postfix(loss=f"{values[-1]:.3f}", lr=f"{lr:.1e}")
             train_loss = sum(losses) / len(losses)
             val_loss = self.evaluate_loss(self.val_df)
             monitored = val_loss if val_loss is not None else train_loss

@@ -156,3 +156,23 @@ def test_preloaded_bank_gives_the_streamed_diffs(toy):
     small = DiffBank(ds, dm.shapes(), lm.sha256)
     assert not small.preload("cpu", max_bytes=1000)  # over the budget: keeps streaming
     assert torch.equal(small.get(ids)[0][dm.names[0]], streamed[0][dm.names[0]])
+
+
+def test_step_losses_read_once_per_epoch_log_the_same(toy):
+    """On an accelerator the step losses are read once per epoch: same steps, values and curve as
+    reading each step (the CPU default), forced here on the CPU."""
+    p, lm, tmp, _ = toy
+    short = p.model_copy(update={"interpreter": p.interpreter.model_copy(update={"epochs": 2})})
+    logs = {}
+    for name, every in (("each", True), ("epoch", False)):
+        seen = []
+        recipe = InterpreterRecipe(short, lm, tmp / "ds", tmp / name, progress=False,
+                                   log_metrics=lambda m, step: seen.append((step, m)))
+        recipe.read_losses_every_step = every
+        recipe.run()
+        logs[name] = seen
+    steps = [(s, m["train_loss"]) for s, m in logs["each"] if "train_loss" in m]
+    assert len(steps) == 2 * 7  # 28 train diffs / batch 4, two epochs
+    assert [(s, m.get("train_loss"), m.get("lr")) for s, m in logs["each"]] == \
+        [(s, m.get("train_loss"), m.get("lr")) for s, m in logs["epoch"]]
+    assert pl.read_csv(tmp / "each" / "train_log.csv").equals(pl.read_csv(tmp / "epoch" / "train_log.csv"))
