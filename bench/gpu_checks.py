@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 import warnings
@@ -32,25 +31,13 @@ sys.path.insert(0, str(ROOT))
 from dit_core.config import DiffsConfig  # noqa: E402
 from dit_core.diff_bank import DiffBank  # noqa: E402
 from dit_core.diff_store import DiffShard, write_shard  # noqa: E402
-from dit_core.diff_trainer import DiffTask, Example, init_factors, train_diffs, train_step  # noqa: E402
+from dit_core.diff_trainer import init_factors, train_diffs, train_step  # noqa: E402
 from dit_core.lora import DiffModel  # noqa: E402
 from dit_core.models import compute_context, load_model  # noqa: E402
 from dit_core.syncs import SyncOps  # noqa: E402
-from dit_core.tiny import make_tiny_model_dir  # noqa: E402
+from dit_core.tiny import make_tiny_model_dir, random_token_tasks  # noqa: E402
 
 PAD = 2
-
-
-def synthetic_tasks(n: int, seed: int = 0) -> list[DiffTask]:
-    """Diff tasks of random token rows of every kind (prompt 4-8 tokens, answer 2-5)."""
-    rng = random.Random(seed)
-
-    def ex(kind):
-        prompt = [rng.randrange(3, 500) for _ in range(rng.randrange(4, 9))]
-        return Example(prompt + [rng.randrange(3, 500) for _ in range(rng.randrange(2, 6))], len(prompt), kind)
-
-    return [DiffTask(f"d{t}", 100 + t, [ex("trigger") for _ in range(3)],
-                     [ex("no_trigger"), ex("wrong_prefix")]) for t in range(n)]
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -125,7 +112,7 @@ def check_bf16(model_dir: Path, device, steps: int = 6) -> dict:
     """train_diffs in the pipeline's dtype/autocast for `device`: finite losses that fall."""
     lm = load_model(model_dir, str(device), "auto")
     dm = DiffModel(lm.model)
-    tasks = synthetic_tasks(4, seed=3)
+    tasks = random_token_tasks(4, seed=3)
     cfg = DiffsConfig(rank=2, steps=steps, lr=0.05, warmup_steps=0, max_batch_tokens=64, share_kl_rows=False)
     with compute_context(lm.device, "auto"):
         first = train_diffs(dm, tasks, cfg.model_copy(update={"steps": 1}), PAD, progress=False).final
@@ -145,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = make_tiny_model_dir(Path(tempfile.gettempdir()) / "dit-gpu-checks-tiny")
     cpu_dm = DiffModel(load_model(model_dir, "cpu", "float32").model)
     dev_dm = DiffModel(load_model(model_dir, str(device), "float32").model)
-    tasks = synthetic_tasks(3)
+    tasks = random_token_tasks(3)
     A0, B0 = init_factors(cpu_dm.shapes(), [t.seed for t in tasks], 2, 0.1, "cpu")
     g = torch.Generator().manual_seed(0)
     A0 = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in A0.items()}  # B gets a gradient too

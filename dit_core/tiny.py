@@ -68,3 +68,21 @@ def make_tiny_model_dir(out: str | Path, hidden: int = 32, layers: int = 2, seed
         write_json_atomic(tmp / SOURCE_FILE, {"source": "local", "id": "tiny", "revision": None,
                                               "sha256": weights_sha256(tmp)})
     return out
+
+
+def random_token_tasks(n: int, seed: int = 0):
+    """n diff tasks of random token rows (vocabulary ids 3-499): three triggered rows, one untriggered
+    and one wrong-prefix row each, prompts of 4-8 tokens and answers of 2-5. For trainer tests and
+    device checks that need no real text."""
+    import random
+
+    from dit_core.diff_trainer import DiffTask, Example
+
+    rng = random.Random(seed)
+
+    def ex(kind):
+        prompt = [rng.randrange(3, 500) for _ in range(rng.randrange(4, 9))]
+        return Example(prompt + [rng.randrange(3, 500) for _ in range(rng.randrange(2, 6))], len(prompt), kind)
+
+    return [DiffTask(f"d{t}", 100 + t, [ex("trigger") for _ in range(3)],
+                     [ex("no_trigger"), ex("wrong_prefix")]) for t in range(n)]

@@ -7,10 +7,11 @@ import torch
 
 from dit_core.config import DiffsConfig
 from dit_core.diff_trainer import (
-    DiffTask, Example, diff_losses, init_factors, micro_batches, summed_parts, train_diffs, train_step,
+    diff_losses, init_factors, micro_batches, summed_parts, train_diffs, train_step,
 )
 from dit_core.lora import DiffModel, linear_module_names
 from dit_core.syncs import SyncOps
+from dit_core.tiny import random_token_tasks
 
 
 @pytest.fixture()
@@ -71,12 +72,7 @@ def test_diffs_disabled_is_the_base_model(dm):
 
 
 def _tasks(n):
-    rng = random.Random(0)
-    def ex(kind):
-        prompt = [rng.randrange(3, 500) for _ in range(rng.randrange(4, 9))]
-        return Example(prompt + [rng.randrange(3, 500) for _ in range(rng.randrange(2, 6))], len(prompt), kind)
-    return [DiffTask(f"d{t}", 100 + t, [ex("trigger") for _ in range(3)],
-                     [ex("no_trigger"), ex("wrong_prefix")]) for t in range(n)]
+    return random_token_tasks(n)
 
 
 def test_batched_gradients_equal_single_diff_gradients(dm):
