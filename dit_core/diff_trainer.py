@@ -285,7 +285,8 @@ def diff_losses(
     """Summed loss over diffs and per-diff parts (ce, kl per kind), each shaped (n_diffs,), on the device.
 
     Each part is a per-diff token mean: weighted token losses summed per diff, divided by `norms`
-    (default: the weights of these rows; pass `loss_normalizers` of the whole step for a micro-batch).
+    (default: the weights of these rows; for a micro-batch pass the whole step's, as
+    `normalizers_on(loss_normalizers(...), device)`).
     `teacher` holds precomputed base log-probs of the KL rows (`teacher_logprobs`); without it the
     base model runs here, on this batch's KL rows.
     `first_token_weight` weighs each answer's first token (where greedy decoding commits to the topic
@@ -295,8 +296,7 @@ def diff_losses(
     model = dm.model
     device = next(model.parameters()).device
     if norms is None:
-        norms = loss_normalizers(rows, n_diffs, first_token_weight)
-    norms = normalizers_on(norms, device)  # host norms are copied once; device norms stay
+        norms = normalizers_on(loss_normalizers(rows, n_diffs, first_token_weight), device)
     batch = collate(rows, pad_id, device)
     dm.set_row_index(batch.row_index, host_index=batch.host_rows)
     logits = answer_logits(model, batch)  # (n, V)
