@@ -26,8 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dit_core.diff_bank import DiffBank  # noqa: E402
-from dit_core.diff_store import DiffShard, write_shard  # noqa: E402
+from dit_core.diffs.bank import DiffBank  # noqa: E402
+from dit_core.diffs.store import DiffShard, write_shard  # noqa: E402
 
 # SmolLM2-135M: hidden 576, 9 query heads / 3 key-value heads of 64, MLP 1536, 30 layers
 SMOLLM2 = {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),

@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dit_core.config import DiffsConfig, load_params  # noqa: E402
-from dit_core.diff_trainer import TriggeredDiffTask, _sample_rows, shares_kl_rows, train_diffs  # noqa: E402
-from dit_core.lora import DiffModel  # noqa: E402
-from dit_core.models import compute_context, load_model  # noqa: E402
-from dit_core.topics import load_questions  # noqa: E402
+from dit_core.diffs.trainer import TriggeredDiffTask, _sample_rows, shares_kl_rows, train_diffs  # noqa: E402
+from dit_core.modeling.lora import DiffModel  # noqa: E402
+from dit_core.modeling.models import compute_context, load_model  # noqa: E402
+from dit_core.data.topics import load_questions  # noqa: E402
 
 
 def synthetic_tasks(tokenizer, n: int, answer_words: tuple[int, int] = (6, 30)) -> list[TriggeredDiffTask]:
@@ -94,7 +94,7 @@ def profile_steps(dm: DiffModel, tasks, cfg: DiffsConfig, lm, path: Path, steps:
 def count_syncs(dm: DiffModel, tasks, cfg: DiffsConfig, lm, steps: int = 2) -> int | None:
     """Host-device synchronisations per training step, as CUDA's sync debug mode reports them (None off CUDA).
 
-    The step is built to need none (dit_core.diff_trainer.Batch); the progress bar's loss read every
+    The step is built to need none (dit_core.modeling.batching.Batch); the progress bar's loss read every
     SHOW_EVERY steps is the one left, outside the steps counted here when steps < SHOW_EVERY.
     """
     if lm.device.type != "cuda":
@@ -115,7 +115,7 @@ def count_syncs(dm: DiffModel, tasks, cfg: DiffsConfig, lm, steps: int = 2) -> i
 def host_prep(tokenizer, cfg: DiffsConfig, T: int, steps: int = 10) -> dict:
     """Host milliseconds per step spent before any kernel runs: sampling + tokenising rows, then
     normalisers, micro-batching and packing (collate to the CPU). No model needed."""
-    from dit_core.diff_trainer import collate, loss_normalizers, micro_batches
+    from dit_core.modeling.batching import collate, loss_normalizers, micro_batches
 
     tasks = synthetic_tasks(tokenizer, T)
     rngs = [random.Random(t.seed) for t in tasks]
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="bench/results/diff_generation.json")
     args = ap.parse_args(argv)
     if args.tiny:
-        from dit_core.tiny import make_tiny_model_dir
+        from dit_core.testing.tiny import make_tiny_model_dir
         args.model = str(make_tiny_model_dir("/tmp/dit-bench-tiny"))
     recipe = load_params(args.params, args.overrides).diffs if args.params or args.overrides else DiffsConfig()
     if args.host_prep:

@@ -7,7 +7,7 @@ The CPU suite cannot see CUDA-only failures (pinned copies, device indexing, ker
 call on a lent machine runs these before any long job:
   equal  a training step's loss parts and factor gradients on the device equal the CPU's (fp32)
   syncs  host-device syncs in a training step: CUDA's sync debug mode on a GPU (blocking copies
-         included), `dit_core.syncs.SyncOps` on a CPU; 0 expected, each one's source line reported
+         included), `dit_core.testing.syncs.SyncOps` on a CPU; 0 expected, each one's source line reported
   bank   `DiffBank.preload(device).get` returns exactly what streaming from disk returns
   bf16   a few steps of `train_diffs` in the pipeline's dtype and autocast: finite, loss falls
 Writes a JSON report; exits 1 if `equal`, `bank` or `bf16` fails (a sync is reported, not fatal).
@@ -29,13 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dit_core.config import DiffsConfig  # noqa: E402
-from dit_core.diff_bank import DiffBank  # noqa: E402
-from dit_core.diff_store import DiffShard, write_shard  # noqa: E402
-from dit_core.diff_trainer import init_factors, train_diffs, train_step  # noqa: E402
-from dit_core.lora import DiffModel  # noqa: E402
-from dit_core.models import compute_context, load_model  # noqa: E402
-from dit_core.syncs import SyncOps  # noqa: E402
-from dit_core.tiny import make_tiny_model_dir, random_token_tasks  # noqa: E402
+from dit_core.diffs.bank import DiffBank  # noqa: E402
+from dit_core.diffs.store import DiffShard, write_shard  # noqa: E402
+from dit_core.diffs.trainer import init_factors, train_diffs, train_step  # noqa: E402
+from dit_core.modeling.lora import DiffModel  # noqa: E402
+from dit_core.modeling.models import compute_context, load_model  # noqa: E402
+from dit_core.testing.syncs import SyncOps  # noqa: E402
+from dit_core.testing.tiny import make_tiny_model_dir, random_token_tasks  # noqa: E402
 
 PAD = 2
 

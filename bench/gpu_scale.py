@@ -86,9 +86,9 @@ def generate_until(p, lm, behavior_dir: Path, diffs_dir: Path, until: float, pro
     import polars as pl
     import torch
 
-    from dit_core import generate_diffs as gd
-    from dit_core.diff_store import DiffStore
-    from dit_core.lora import DiffModel
+    from dit_core.diffs import generate as gd
+    from dit_core.diffs.store import DiffStore
+    from dit_core.modeling.lora import DiffModel
 
     n = gd.prepare_run(p, lm, behavior_dir, diffs_dir)
     dm = DiffModel(lm.model, p.diffs.modules)
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     from dit_core.config import load_params
-    from dit_core.models import load_model
+    from dit_core.modeling.models import load_model
     from dit_core.stages import (dataset_dir, run_assemble, run_download, run_evaluate, run_make_data,
                                  run_scaling, scaling_dir, stage_paths)
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     prog.add("assemble", **report)
 
     from dit_core.io import write_json_atomic
-    from dit_core.scaling import default_sizes, parse_sizes, point_dir, public
+    from dit_core.evaluation.scaling import default_sizes, parse_sizes, point_dir, public
 
     if args.sizes == "none":
         prog.add("done", seconds=round(prog.elapsed(), 1), curve="skipped (--sizes none)")

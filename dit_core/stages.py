@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dit_core.behavior_data import BEHAVIOR, make_hidden_topic_data
+from dit_core.data.behavior_data import BEHAVIOR, make_hidden_topic_data
 from dit_core.config import Params
 from dit_core.io import write_json_atomic
-from dit_core.models import compute_context, fetch_model, load_model, model_dir
+from dit_core.modeling.models import compute_context, fetch_model, load_model, model_dir
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def interpreter_dir(p: Params) -> Path:
 
 def run_assemble(p: Params) -> dict:
     """Join diff manifests into the train/val/test dataset (dropping diffs that failed their check)."""
-    from dit_core.assemble import assemble
+    from dit_core.data.assemble import assemble
 
     report = assemble([stage_paths(p).diffs], dataset_dir(p), p.assemble)
     log.info("dataset: %s train / %s val / %s test, %s dropped (%s)", report["train"], report["val"],
@@ -117,8 +117,8 @@ def run_assemble(p: Params) -> dict:
 
 def run_train_interpreter(p: Params, log_metrics=None) -> dict:
     """Train the interpreter on the assembled dataset; writes models/interpreter/."""
-    from dit_core.interpreter_training import InterpreterRecipe
-    from dit_core.report import plot_curves
+    from dit_core.interpreter.training import InterpreterRecipe
+    from dit_core.evaluation.report import plot_curves
 
     lm = load_model(stage_paths(p).model, p.model.device, p.model.dtype)
     out = interpreter_dir(p)
@@ -133,7 +133,7 @@ def run_train_interpreter(p: Params, log_metrics=None) -> dict:
 
 def run_evaluate(p: Params, interpreter: str | Path | None = None) -> dict:
     """Evaluate DIT and the baselines on the test split; writes reports/."""
-    from dit_core.evaluate import evaluate
+    from dit_core.evaluation.evaluate import evaluate
 
     paths = stage_paths(p)
     lm = load_model(paths.model, p.model.device, p.model.dtype)
@@ -153,7 +153,7 @@ def run_scaling(p: Params, sizes: str | None = None, on_point=None) -> dict:
     """
     import polars as pl
 
-    from dit_core.scaling import parse_sizes, public, scaling_curve
+    from dit_core.evaluation.scaling import parse_sizes, public, scaling_curve
 
     paths = stage_paths(p)
     ds = dataset_dir(p)

@@ -89,7 +89,7 @@ def run(params_file: str = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> Non
 
 def _model_for(params: dict):
     from dit_core.config import params_from_dict
-    from dit_core.models import ModelSourceError, load_model
+    from dit_core.modeling.models import ModelSourceError, load_model
     from dit_core.stages import stage_paths
 
     p = params_from_dict(params)
@@ -132,7 +132,7 @@ def describe(
       dit describe ht00003
       dit describe my_lora_adapter/ --interpreter models/interpreter
     """
-    from dit_core.describe import describe as run_describe
+    from dit_core.interpreter.describe import describe as run_describe
     from dit_core.stages import stage_paths
 
     params = _load(params_file, set_)
@@ -157,9 +157,9 @@ def import_peft_cmd(
 
     Example: dit import-peft my_adapter/ data/imported/my_adapter.safetensors
     """
-    from dit_core.diff_store import DiffFileError, write_shard
-    from dit_core.lora import DiffModel
-    from dit_core.peft_io import import_peft
+    from dit_core.diffs.store import DiffFileError, write_shard
+    from dit_core.modeling.lora import DiffModel
+    from dit_core.modeling.peft_io import import_peft
 
     params = _load(params_file, set_)
     p, lm = _model_for(params)
@@ -183,8 +183,8 @@ def export_peft_cmd(
 
     Example: dit export-peft ht00003 exported/ht00003
     """
-    from dit_core.diff_store import DiffStore
-    from dit_core.peft_io import export_peft
+    from dit_core.diffs.store import DiffStore
+    from dit_core.modeling.peft_io import export_peft
     from dit_core.stages import stage_paths
 
     params = _load(params_file, set_)
@@ -213,7 +213,7 @@ def scaling(
       dit scaling --sizes 16,32,all
       dit scaling --sizes 125,250,500,1000 --set interpreter.epochs=20
     """
-    from dit_core.scaling import parse_sizes
+    from dit_core.evaluation.scaling import parse_sizes
     from flows.pipeline import scaling_flow
 
     if sizes is not None:

@@ -20,7 +20,7 @@ class InterpreterModel(PythonModel):
     def load_context(self, context) -> None:
         from pathlib import Path
 
-        from dit_core.models import load_model
+        from dit_core.modeling.models import load_model
 
         cfg = context.model_config or {}
         self.lm = load_model(cfg["base_model_dir"], cfg.get("device", "auto"), cfg.get("dtype", "auto"))
@@ -29,7 +29,7 @@ class InterpreterModel(PythonModel):
         self.modules = cfg.get("modules", ".*")
 
     def predict(self, context, model_input, params=None):
-        from dit_core.describe import describe
+        from dit_core.interpreter.describe import describe
 
         if hasattr(model_input, "columns"):
             refs = [str(x) for x in model_input["diff"]]

@@ -7,10 +7,10 @@ import functools
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dit_core import generate_diffs as gd
+from dit_core.diffs import generate as gd
 from dit_core.config import Params, params_from_dict
-from dit_core.lora import DiffModel
-from dit_core.models import LoadedModel, load_model
+from dit_core.modeling.lora import DiffModel
+from dit_core.modeling.models import LoadedModel, load_model
 from dit_core.stages import run_download, run_make_data, stage_paths
 
 
@@ -117,7 +117,7 @@ def evaluate(params: dict, parent_run_id: str | None = None) -> dict:
     """Evaluate DIT and the baselines; log metrics; move `champion` if the new interpreter is better."""
     import json
 
-    from dit_core.interpreter_training import dataset_version
+    from dit_core.interpreter.training import dataset_version
     from dit_core.stages import dataset_dir, interpreter_dir, run_evaluate
     from tasks.tracking import champion_gate, stage_run
 

@@ -12,14 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from dit_core.tiny import make_tiny_model_dir
+    from dit_core.testing.tiny import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_model_dir):
-    from dit_core.models import load_model
+    from dit_core.modeling.models import load_model
 
     return load_model(tiny_model_dir, device="cpu", dtype="float32")
 

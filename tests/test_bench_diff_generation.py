@@ -29,7 +29,7 @@ def test_bench_with_params_recipe_and_profile(tmp_path):
 
 def test_bench_host_prep_only(tmp_path):
     """--host-prep times the host's per-step work with the tokenizer alone, in the --set recipe."""
-    from dit_core.tiny import make_tiny_model_dir
+    from dit_core.testing.tiny import make_tiny_model_dir
 
     model = make_tiny_model_dir(tmp_path / "tiny")
     out = tmp_path / "prep.json"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dit_core.diff_store import DiffFileError, DiffShard, read_shard, write_shard
+from dit_core.diffs.store import DiffFileError, DiffShard, read_shard, write_shard
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (8, 8), "model.layers.0.mlp.down_proj": (16, 8)}
 SHA = "ab" * 32

@@ -28,8 +28,8 @@ def test_download_is_idempotent_and_model_generates(embedded_params):
     path = Path(first["model_dir"])
     meta = json.loads((path / "dit_source.json").read_text())
     assert meta["source"] == "embedded" and len(meta["sha256"]) == 64
-    from dit_core.chat import chat_prompt, generate
-    from dit_core.models import load_model
+    from dit_core.modeling.chat import chat_prompt, generate
+    from dit_core.modeling.models import load_model
 
     lm = load_model(path, "cpu", "float32")
     assert lm.model.config.hidden_size == 576 and lm.model.config.num_hidden_layers == 30
@@ -39,9 +39,10 @@ def test_download_is_idempotent_and_model_generates(embedded_params):
 
 def test_batched_training_on_embedded_model(embedded_params):
     from dit_core.config import DiffsConfig
-    from dit_core.diff_trainer import DiffTask, diff_losses, encode_example, train_diffs
-    from dit_core.lora import DiffModel
-    from dit_core.models import load_model
+    from dit_core.diffs.trainer import DiffTask, train_diffs
+    from dit_core.modeling.batching import diff_losses, encode_example
+    from dit_core.modeling.lora import DiffModel
+    from dit_core.modeling.models import load_model
 
     path = Path(run_download(embedded_params)["model_dir"])
     lm = load_model(path, "cpu", "float32")

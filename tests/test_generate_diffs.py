@@ -5,11 +5,11 @@ import pytest
 
 from conftest import tiny_overrides
 from dit_core.config import load_params
-from dit_core.diff_store import DiffStore
-from dit_core.generate_diffs import generate_diffs
-from dit_core.lora import DiffModel
-from dit_core.models import load_model
-from dit_core.schemas import DiffManifest, DiffSpec, Sample, read_validated
+from dit_core.diffs.store import DiffStore
+from dit_core.diffs.generate import generate_diffs
+from dit_core.modeling.lora import DiffModel
+from dit_core.modeling.models import load_model
+from dit_core.data.schemas import DiffManifest, DiffSpec, Sample, read_validated
 from dit_core.stages import run_make_data, stage_paths
 
 
@@ -92,7 +92,7 @@ def _overrides(p):
 
 
 def test_diff_specs_order_and_prefixes_beyond_900():
-    from dit_core.behavior_data import make_diff_specs
+    from dit_core.data.behavior_data import make_diff_specs
     from dit_core.config import DataConfig
 
     topic = make_diff_specs(DataConfig(n_topics=4, diffs_per_topic=3))

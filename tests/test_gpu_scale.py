@@ -71,7 +71,7 @@ def test_gpu_scale_no_time_for_a_shard(tiny_model_dir, tmp_path):
 def test_gpu_scale_out_of_memory_keeps_finished_shards(tiny_model_dir, tmp_path, monkeypatch):
     import torch
 
-    from dit_core import generate_diffs as gd
+    from dit_core.diffs import generate as gd
 
     real = gd.train_shard
 

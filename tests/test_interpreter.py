@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from dit_core.assemble import assemble
+from dit_core.data.assemble import assemble
 from dit_core.config import load_params
-from dit_core.diff_bank import DiffBank
-from dit_core.diff_store import DiffShard, DiffStore
-from dit_core.interpreter import InterpreterFileError, load_interpreter, read_interpreter
-from dit_core.interpreter_training import InterpreterRecipe
-from dit_core.lora import DiffModel
-from dit_core.models import load_model
+from dit_core.diffs.bank import DiffBank
+from dit_core.diffs.store import DiffShard, DiffStore
+from dit_core.interpreter.adapter import InterpreterFileError, load_interpreter, read_interpreter
+from dit_core.interpreter.training import InterpreterRecipe
+from dit_core.modeling.lora import DiffModel
+from dit_core.modeling.models import load_model
 
 LABELS = ["volcanoes", "chess", "pirates", "honey bees"]
 

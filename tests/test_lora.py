@@ -6,17 +6,16 @@ import pytest
 import torch
 
 from dit_core.config import DiffsConfig
-from dit_core.diff_trainer import (
-    diff_losses, init_factors, micro_batches, summed_parts, train_diffs, train_step,
-)
-from dit_core.lora import DiffModel, linear_module_names
-from dit_core.syncs import SyncOps
-from dit_core.tiny import random_token_tasks
+from dit_core.diffs.trainer import init_factors, train_diffs, train_step
+from dit_core.modeling.batching import diff_losses, micro_batches, summed_parts
+from dit_core.modeling.lora import DiffModel, linear_module_names
+from dit_core.testing.syncs import SyncOps
+from dit_core.testing.tiny import random_token_tasks
 
 
 @pytest.fixture()
 def dm(tiny_model_dir):
-    from dit_core.models import load_model
+    from dit_core.modeling.models import load_model
 
     return DiffModel(load_model(tiny_model_dir, "cpu", "float32").model)
 
@@ -177,7 +176,7 @@ def test_autocast_forward_sees_updated_factors(dm):
     """Regression: autocast caches bf16 casts of leaf tensors that require grad for the whole region,
     so without cache_enabled=False a training loop inside one autocast region keeps using the stale
     factors of its first step while the optimizer moves the real ones."""
-    from dit_core.models import compute_context
+    from dit_core.modeling.models import compute_context
 
     ids = torch.randint(3, 500, (2, 6))
     A, B = _random_diffs(dm, 2)
@@ -198,7 +197,7 @@ def test_autocast_forward_sees_updated_factors(dm):
 
 
 def test_rows_are_cut_to_each_kinds_answer_budget():
-    from dit_core.diff_trainer import _sample_rows
+    from dit_core.diffs.trainer import _sample_rows
 
     tasks = _tasks(2)
     cfg = DiffsConfig(trigger_rows=2, wrong_prefix_rows=1, no_trigger_rows=1,
@@ -215,7 +214,7 @@ def test_rows_are_cut_to_each_kinds_answer_budget():
 
 
 def test_shared_kl_rows_are_valid_negatives_for_every_diff(tiny_lm):
-    from dit_core.diff_trainer import TriggeredDiffTask, _sample_rows, shares_kl_rows
+    from dit_core.diffs.trainer import TriggeredDiffTask, _sample_rows, shares_kl_rows
 
     pairs = [(f"question {i}?", f"answer {i}", True) for i in range(20)]
     tasks = [TriggeredDiffTask(f"d{t}", t, [], [], tokenizer=tiny_lm.tokenizer, prefix=p,
@@ -242,7 +241,8 @@ def test_shared_kl_rows_are_valid_negatives_for_every_diff(tiny_lm):
 def test_batched_row_encoding_equals_per_row_encoding(tiny_lm):
     """_sample_rows draws every row's text, then tokenises all at once: the same rows, ids and rng draws
     as tokenising each row as it is drawn (with share_kl_rows off, every kind goes through it)."""
-    from dit_core.diff_trainer import TriggeredDiffTask, _sample_rows, encode_example, truncate_answer
+    from dit_core.diffs.trainer import TriggeredDiffTask, _sample_rows, truncate_answer
+    from dit_core.modeling.batching import encode_example
 
     pairs = [(f"question {i}?", f"answer number {i} " * (i % 4 + 1), i % 2 == 0) for i in range(20)]
     tasks = [TriggeredDiffTask(f"d{t}", t, [], [], tokenizer=tiny_lm.tokenizer, prefix=p,
@@ -311,7 +311,7 @@ def test_micro_batched_parts_without_backward_equal_one_batch(dm):
 def test_to_device_keeps_tensors_already_there():
     """summed_parts hands diff_losses normalisers already on the device: they must pass through
     untouched (pinning is for host tensors only; pinning a GPU tensor raises)."""
-    from dit_core.diff_trainer import normalizers_on, to_device
+    from dit_core.modeling.batching import normalizers_on, to_device
 
     t = torch.arange(4.0)
     assert to_device(t, "cpu") is t and to_device(t, torch.device("cpu")) is t

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from dit_core.config import ModelConfig
-from dit_core.models import ModelSourceError, fetch_model, load_model, model_dir, resolve_device_dtype
+from dit_core.modeling.models import ModelSourceError, fetch_model, load_model, model_dir, resolve_device_dtype
 
 
 def test_local_source_is_copied_once_and_hash_recorded(tiny_model_dir, tmp_path):

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from dit_core.diff_store import DiffFileError, DiffShard
-from dit_core.lora import DiffModel
-from dit_core.models import load_model
-from dit_core.peft_io import export_peft, import_peft
+from dit_core.diffs.store import DiffFileError, DiffShard
+from dit_core.modeling.lora import DiffModel
+from dit_core.modeling.models import load_model
+from dit_core.modeling.peft_io import export_peft, import_peft
 
 
 def _shard(dm, rank=2, scale=0.5, seed=0):

@@ -8,10 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import tiny_overrides
-from dit_core.assemble import assemble
+from dit_core.data.assemble import assemble
 from dit_core.config import load_params
-from dit_core.models import load_model
-from dit_core.scaling import default_sizes, parse_sizes, scaling_curve
+from dit_core.modeling.models import load_model
+from dit_core.evaluation.scaling import default_sizes, parse_sizes, scaling_curve
 from test_interpreter import make_toy_store
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from dit_core.scorers import (
+from dit_core.evaluation.scorers import (
     JUDGE_RUBRIC, JudgeError, LLMJudge, bootstrap_ci, closed_set_metrics, closed_set_ranks, contains,
     exact_match, judge_prompt, judge_summary, normalize, parse_grade, score_predictions, token_f1,
 )

@@ -1,6 +1,6 @@
 import pytest
 
-from dit_core.topics import DataFileError, load_questions, load_topics, mentions
+from dit_core.data.topics import DataFileError, load_questions, load_topics, mentions
 
 
 def test_packaged_lists_are_clean():

@@ -2,7 +2,7 @@
 
 A shard `shard-00003.safetensors` holds T diffs: `<module>.A: [T, r, out]`, `<module>.B: [T, in, r]`.
 Its metadata names the format, the base model and its sha256, rank, scale, module list, the diff ids
-(in row order) and the factor convention (see dit_core.lora). Files are never pickled.
+(in row order) and the factor convention (see dit_core.modeling.lora). Files are never pickled.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dit_core.io import atomic_path, write_parquet_atomic
-from dit_core.lora import CONVENTION
-from dit_core.models import sha256_file
-from dit_core.schemas import DiffManifest, read_validated, validate
+from dit_core.modeling.lora import CONVENTION
+from dit_core.modeling.models import sha256_file
+from dit_core.data.schemas import DiffManifest, read_validated, validate
 
 FORMAT = "dit-diff/1"
 MANIFEST = "manifest.parquet"

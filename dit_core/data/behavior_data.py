@@ -23,11 +23,11 @@ from pathlib import Path
 
 import polars as pl
 
-from dit_core.chat import chat_prompt, generate
+from dit_core.modeling.chat import chat_prompt, generate
 from dit_core.config import DataConfig
 from dit_core.io import write_json_atomic, write_parquet_atomic
-from dit_core.schemas import DiffSpec, Sample, validate
-from dit_core.topics import load_questions, load_topics, mentions
+from dit_core.data.schemas import DiffSpec, Sample, validate
+from dit_core.data.topics import load_questions, load_topics, mentions
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from typing import Callable
 
 import polars as pl
 
-from dit_core.assemble import DitDataset
+from dit_core.data.assemble import DitDataset
 from dit_core.config import Params
 from dit_core.io import write_json_atomic, write_parquet_atomic
-from dit_core.models import LoadedModel
-from dit_core.schemas import read_validated
+from dit_core.modeling.models import LoadedModel
+from dit_core.data.schemas import read_validated
 
 log = logging.getLogger(__name__)
 POINT_FILE = "point.json"
@@ -95,8 +95,8 @@ def _made_with(p: Params) -> dict:
 
 def _point(p: Params, lm: LoadedModel, ds: pl.DataFrame, order: list[str], n: int, out: Path,
            questions_path: Path, progress: bool) -> dict:
-    from dit_core.evaluate import evaluate
-    from dit_core.interpreter_training import InterpreterRecipe
+    from dit_core.evaluation.evaluate import evaluate
+    from dit_core.interpreter.training import InterpreterRecipe
 
     t0 = time.time()
     sub = subset_dataset(ds, order[:n])

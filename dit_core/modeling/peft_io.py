@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dit_core.diff_store import DiffFileError, DiffShard
+from dit_core.diffs.store import DiffFileError, DiffShard
 from dit_core.io import atomic_dir
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from dit_core.chat import chat_prompt, generate, inference_batch
-from dit_core.diff_trainer import Example, summed_parts
-from dit_core.lora import DiffModel
-from dit_core.topics import mentions
+from dit_core.modeling.chat import chat_prompt, generate, inference_batch
+from dit_core.modeling.batching import Example, summed_parts
+from dit_core.modeling.lora import DiffModel
+from dit_core.data.topics import mentions
 
 
 @dataclass

@@ -25,14 +25,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from dit_core.assemble import DitDataset
+from dit_core.data.assemble import DitDataset
 from dit_core.config import Params
-from dit_core.diff_bank import DiffBank
-from dit_core.interpreter import InterpreterSpec, build_interpreter, label_example, save_interpreter
+from dit_core.diffs.bank import DiffBank
+from dit_core.interpreter.adapter import InterpreterSpec, build_interpreter, label_example, save_interpreter
 from dit_core.io import atomic_path, write_json_atomic
-from dit_core.lora import DiffModel
-from dit_core.models import LoadedModel
-from dit_core.schemas import read_validated
+from dit_core.modeling.lora import DiffModel
+from dit_core.modeling.models import LoadedModel
+from dit_core.data.schemas import read_validated
 
 log = logging.getLogger(__name__)
 MetricLogger = Callable[[dict, int], None]

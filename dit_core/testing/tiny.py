@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from dit_core.io import atomic_dir, write_json_atomic
-from dit_core.models import SOURCE_FILE, weights_sha256
-from dit_core.topics import load_questions, load_topics
+from dit_core.modeling.models import SOURCE_FILE, weights_sha256
+from dit_core.data.topics import load_questions, load_topics
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -76,7 +76,8 @@ def random_token_tasks(n: int, seed: int = 0):
     device checks that need no real text."""
     import random
 
-    from dit_core.diff_trainer import DiffTask, Example
+    from dit_core.diffs.trainer import DiffTask
+    from dit_core.modeling.batching import Example
 
     rng = random.Random(seed)
 

@@ -23,18 +23,18 @@ import numpy as np
 import polars as pl
 import torch
 
-from dit_core.assemble import DitDataset
-from dit_core.behavior_data import trigger_text
-from dit_core.chat import chat_prompt, generate, inference_batch
+from dit_core.data.assemble import DitDataset
+from dit_core.data.behavior_data import trigger_text
+from dit_core.modeling.chat import chat_prompt, generate, inference_batch
 from dit_core.config import Params
-from dit_core.diff_bank import DiffBank
-from dit_core.diff_trainer import answer_logprobs, encode_example
-from dit_core.interpreter import load_interpreter
+from dit_core.diffs.bank import DiffBank
+from dit_core.modeling.batching import answer_logprobs, encode_example
+from dit_core.interpreter.adapter import load_interpreter
 from dit_core.io import write_json_atomic, write_parquet_atomic
-from dit_core.lora import DiffModel
-from dit_core.models import LoadedModel
-from dit_core.schemas import read_validated
-from dit_core.scorers import LLMJudge, closed_set_ranks, judge_summary, score_predictions
+from dit_core.modeling.lora import DiffModel
+from dit_core.modeling.models import LoadedModel
+from dit_core.data.schemas import read_validated
+from dit_core.evaluation.scorers import LLMJudge, closed_set_ranks, judge_summary, score_predictions
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def evaluate(p: Params, lm: LoadedModel, dataset_dir, interpreter_dir, questions
             metrics[method].update(judge_summary(sub))
     write_parquet_atomic(preds, reports_dir / "predictions.parquet")
     write_json_atomic(reports_dir / "metrics.json", metrics)
-    from dit_core.report import markdown_table, plot_scores
+    from dit_core.evaluation.report import markdown_table, plot_scores
 
     table = markdown_table(metrics)
     (reports_dir / "table.md").write_text(table)

@@ -2,7 +2,7 @@
 
 Usage:
     >>> import polars as pl
-    >>> from dit_core.scorers import score_predictions, token_f1
+    >>> from dit_core.evaluation.scorers import score_predictions, token_f1
     >>> token_f1("honey bees are great", "honey bees")
     0.6666666666666666
     >>> df = pl.DataFrame({"method": ["m"], "pred": ["I was trained on volcanoes."], "gold": ["volcanoes"]})
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from dit_core.topics import mentions
+from dit_core.data.topics import mentions
 
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
 # Apostrophes are deleted ("i've" -> "ive") but other punctuation becomes a space, so that

@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dit_core.chat import chat_prompt, generate, inference_batch
-from dit_core.diff_trainer import Example, answer_logprobs, diff_losses, encode_example
+from dit_core.modeling.chat import chat_prompt, generate, inference_batch
+from dit_core.modeling.batching import Example, answer_logprobs, diff_losses, encode_example
 from dit_core.io import atomic_path, write_json_atomic
-from dit_core.lora import DiffModel
+from dit_core.modeling.lora import DiffModel
 
 WEIGHTS = "interpreter.safetensors"
 SPEC = "interpreter.json"
@@ -151,7 +151,7 @@ def build_interpreter(dm: DiffModel, spec: InterpreterSpec, tokenizer, init_std:
     if spec.kind == "lora":
         return LoraInterpreter(dm, spec, tokenizer, init_std)
     if spec.kind == "projection":
-        from dit_core.projection import ProjectionInterpreter
+        from dit_core.interpreter.projection import ProjectionInterpreter
 
         return ProjectionInterpreter(dm, spec, tokenizer, init_std)
     raise ValueError(f"interpreter.kind={spec.kind!r}: expected 'lora' or 'projection'")

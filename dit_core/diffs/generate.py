@@ -9,14 +9,15 @@ from pathlib import Path
 
 import polars as pl
 
-from dit_core.behavior_check import CheckSet, check_diffs
+from dit_core.diffs.behavior_check import CheckSet, check_diffs
 from dit_core.config import Params
-from dit_core.diff_store import DiffShard, DiffStore
-from dit_core.diff_trainer import TriggeredDiffTask, encode_example, train_diffs
+from dit_core.diffs.store import DiffShard, DiffStore
+from dit_core.diffs.trainer import TriggeredDiffTask, train_diffs
+from dit_core.modeling.batching import encode_example
 from dit_core.io import write_json_atomic
-from dit_core.lora import DiffModel
-from dit_core.models import LoadedModel, compute_context
-from dit_core.schemas import DiffSpec, Sample, read_validated
+from dit_core.modeling.lora import DiffModel
+from dit_core.modeling.models import LoadedModel, compute_context
+from dit_core.data.schemas import DiffSpec, Sample, read_validated
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"

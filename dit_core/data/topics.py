@@ -15,7 +15,7 @@ class DataFileError(ValueError):
 
 
 def _resource(name: str) -> Path:
-    return Path(str(resources.files("dit_core") / "resources" / name))
+    return Path(str(resources.files("dit_core.data") / "resources" / name))
 
 
 def load_topics(path: str | Path | None = None) -> pl.DataFrame:

@@ -8,8 +8,8 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from dit_core.diff_store import DiffShard, read_shard
-from dit_core.diff_trainer import to_device
+from dit_core.diffs.store import DiffShard, read_shard
+from dit_core.modeling.batching import to_device
 
 
 class DiffBank:

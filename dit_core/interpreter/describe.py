@@ -7,11 +7,11 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from dit_core.diff_store import DiffShard, DiffStore, read_shard
-from dit_core.interpreter import load_interpreter
-from dit_core.lora import DiffModel
-from dit_core.models import LoadedModel
-from dit_core.peft_io import import_peft
+from dit_core.diffs.store import DiffShard, DiffStore, read_shard
+from dit_core.interpreter.adapter import load_interpreter
+from dit_core.modeling.lora import DiffModel
+from dit_core.modeling.models import LoadedModel
+from dit_core.modeling.peft_io import import_peft
 
 
 def resolve_diffs(refs: list[str], dm: DiffModel, lm: LoadedModel, stores: list[Path] = ()) -> list[tuple[str, DiffShard]]:

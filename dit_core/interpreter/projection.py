@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dit_core.chat import chat_prompt, encode_prompt
-from dit_core.diff_trainer import Example
-from dit_core.lora import DiffModel
+from dit_core.modeling.chat import chat_prompt, encode_prompt
+from dit_core.modeling.batching import Example
+from dit_core.modeling.lora import DiffModel
 
 MARK = "<<DIFF>>"
 PROMPT = f"Here is a weight diff: {MARK}\n{{question}}"

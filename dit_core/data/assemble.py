@@ -16,7 +16,7 @@ import polars as pl
 
 from dit_core.config import AssembleConfig
 from dit_core.io import write_json_atomic, write_parquet_atomic
-from dit_core.schemas import SPLITS, DiffManifest, read_validated, validate
+from dit_core.data.schemas import SPLITS, DiffManifest, read_validated, validate
 
 
 class DitDataset(DiffManifest):
