@@ -2,6 +2,9 @@
 against a local canned HTTP server."""
 
 import json
+import re
+import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -10,8 +13,21 @@ import polars as pl
 import pytest
 
 from dit_core.evaluation.scorers import (
-    JUDGE_RUBRIC, JudgeError, LLMJudge, bootstrap_ci, closed_set_metrics, closed_set_ranks, contains,
-    exact_match, judge_prompt, judge_summary, normalize, parse_grade, score_predictions, token_f1,
+    JUDGE_RUBRIC,
+    SUMMARY_RUBRIC,
+    JudgeError,
+    LLMJudge,
+    bootstrap_ci,
+    closed_set_metrics,
+    closed_set_ranks,
+    contains,
+    exact_match,
+    judge_prompt,
+    judge_summary,
+    normalize,
+    parse_grade,
+    score_predictions,
+    token_f1,
 )
 
 
@@ -157,7 +173,7 @@ def test_judge_prompt_holds_rubric_and_both_texts():
 @pytest.fixture
 def canned_server(monkeypatch):
     """Starts local servers that send the given (status, body) replies in turn; gives (base_url, requests)."""
-    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     servers = []
 
@@ -165,14 +181,20 @@ def canned_server(monkeypatch):
         seen = []
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 5  # a stalled client cannot block the server thread, and so shutdown()
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                seen.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
+                # self.headers, not a dict of it: header names are case-insensitive and clients vary.
+                seen.append({"path": self.path, "headers": self.headers, "body": json.loads(body)})
                 status, payload = replies[min(len(seen), len(replies)) - 1]
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                if status != 200:
+                    # The client honours a server-set delay, so retries take 10 ms instead of its ~0.5 s+ backoff.
+                    self.send_header("Retry-After-Ms", "10")
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -180,7 +202,7 @@ def canned_server(monkeypatch):
                 pass
 
         srv = HTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(srv)
         return f"http://127.0.0.1:{srv.server_address[1]}/v1", seen
 
@@ -191,12 +213,14 @@ def canned_server(monkeypatch):
 
 
 OK = (200, {"choices": [{"message": {"content": "4"}}]})
+judge_timeout = pytest.mark.timeout(60)  # a hung socket fails the test instead of the run
 
 
+@judge_timeout
 def test_judge_grades_via_local_server(canned_server, monkeypatch):
     url, seen = canned_server([OK])
     monkeypatch.setenv("TEST_JUDGE_KEY", "sk-test")
-    judge = LLMJudge(url + "/", "judge-model-x", api_key_env="TEST_JUDGE_KEY", timeout=5)
+    judge = LLMJudge(url + "/", "judge-model-x", api_key_env="TEST_JUDGE_KEY", timeout=5, tries=1)
     assert judge.grade("lava mountains", "volcanoes") == 4
     (req,) = seen
     assert req["path"] == "/v1/chat/completions"
@@ -206,20 +230,53 @@ def test_judge_grades_via_local_server(canned_server, monkeypatch):
     assert req["headers"]["Authorization"] == "Bearer sk-test"
 
 
+@judge_timeout
+def test_judge_without_key_never_sends_openai_key(canned_server, monkeypatch):
+    url, seen = canned_server([(200, {"choices": [{"message": {"content": "Grade: 2"}}]})])
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-real-openai-key")
+    assert LLMJudge(url, "m", timeout=5, tries=1).grade("a", "b") == 2
+    assert "sk-real-openai-key" not in seen[0]["headers"].get("Authorization", "")
+
+
+@judge_timeout
+def test_judge_summary_rubric_is_sent(canned_server):
+    url, seen = canned_server([OK])
+    judge = LLMJudge(url, "m", timeout=5, tries=1, rubric="summary")
+    assert judge.grade("A storm hit the coast on Monday.", "Hurricane makes landfall in Florida") == 4
+    system, user = seen[0]["body"]["messages"]
+    assert system == {"role": "system", "content": SUMMARY_RUBRIC}
+    assert "Reference headline: Hurricane makes landfall in Florida" in user["content"]
+    assert "Predicted summary: A storm hit the coast on Monday." in user["content"]
+
+
+@judge_timeout
 def test_judge_retries_server_errors(canned_server):
     url, seen = canned_server([(500, {"error": "busy"}), (503, {"error": "busy"}), OK])
-    assert LLMJudge(url, "m", timeout=5, backoff=0.01).grade("a", "b") == 4
+    assert LLMJudge(url, "m", timeout=5, tries=3).grade("a", "b") == 4
     assert len(seen) == 3
     url, seen = canned_server([(500, {"error": "busy"})])
-    with pytest.raises(JudgeError, match=r"failed 3 times .*HTTP 500"):
-        LLMJudge(url, "m", timeout=5, backoff=0.01).grade("a", "b")
+    with pytest.raises(JudgeError, match=r"failed 3 times .*HTTP 500.*busy"):
+        LLMJudge(url, "m", timeout=5, tries=3).grade("a", "b")
+    assert len(seen) == 3
 
 
+@judge_timeout
 def test_judge_client_error_is_clear_and_not_retried(canned_server):
     url, seen = canned_server([(400, {"error": "unknown model"})])
     with pytest.raises(JudgeError, match=r"/v1/chat/completions returned HTTP 400.*unknown model"):
-        LLMJudge(url, "nope", timeout=5, backoff=0.01).grade("a", "b")
+        LLMJudge(url, "nope", timeout=5, tries=3).grade("a", "b")
     assert len(seen) == 1
+
+
+@judge_timeout
+def test_judge_connection_error_names_url(monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as s:  # a loopback port that was just free, so nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(JudgeError, match=rf"127\.0\.0\.1:{port}/v1/chat/completions failed 1 times"):
+        LLMJudge(f"http://127.0.0.1:{port}/v1", "m", timeout=2, tries=1).grade("a", "b")
 
 
 def test_judge_config_errors(monkeypatch):
@@ -228,6 +285,11 @@ def test_judge_config_errors(monkeypatch):
         LLMJudge("http://127.0.0.1:1", "m", api_key_env="NO_SUCH_JUDGE_KEY")
     with pytest.raises(ValueError, match="must start with http"):
         LLMJudge("localhost:8000", "m")
+    with pytest.raises(ValueError, match=r"rubric 'haiku' is unknown.*'summary', 'topic'"):
+        LLMJudge("http://127.0.0.1:1", "m", rubric="haiku")
+    monkeypatch.setitem(sys.modules, "openai", None)  # makes `import openai` fail as if not installed
+    with pytest.raises(ImportError, match=re.escape('pip install -e ".[judge]"')):
+        LLMJudge("http://127.0.0.1:1", "m")
 
 
 def test_judge_summary():

@@ -8,19 +8,16 @@ Usage:
     >>> df = pl.DataFrame({"method": ["m"], "pred": ["I was trained on volcanoes."], "gold": ["volcanoes"]})
     >>> score_predictions(df)["m"]["exact"]
     1.0
-    >>> # Optional judge; the endpoint always comes from the caller:
+    >>> # Optional judge (pip install -e ".[judge]"); the endpoint always comes from the caller:
     >>> # LLMJudge(base_url, "gpt-4o-mini", api_key_env="OPENAI_API_KEY").grade("lava mountains", "volcanoes")
+    >>> # LLMJudge(base_url, "gpt-4o-mini", rubric="summary").grade(summary, reference_headline)
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import string
-import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 
@@ -185,12 +182,34 @@ Compare the meaning, not the wording, and grade on this 1-5 scale:
 1 = unrelated, or no answer / a refusal.
 Reply with only the digit."""
 
+SUMMARY_RUBRIC = """You grade how well a one-sentence predicted summary of a news article matches its reference headline.
+Compare the facts, not the wording, and grade on this 1-5 scale:
+5 = the same main event with the same key facts (who, what, where);
+4 = the same main event, with a key fact missing or slightly off;
+3 = the same story, but only a side point or a vague version of it;
+2 = the same general subject, but a different event;
+1 = unrelated, contradicts the headline, or no answer / a refusal.
+Reply with only the digit."""
 
-def judge_prompt(pred: str, gold: str) -> list[dict[str, str]]:
-    """Chat messages asking the judge to grade `pred` against the true topic `gold`."""
+# name -> (system rubric, label of the gold text, label of the prediction) in the user message.
+JUDGE_RUBRICS: dict[str, tuple[str, str, str]] = {
+    "topic": (JUDGE_RUBRIC, "True topic", "Predicted description"),
+    "summary": (SUMMARY_RUBRIC, "Reference headline", "Predicted summary"),
+}
+
+
+def _rubric(name: str) -> tuple[str, str, str]:
+    if name not in JUDGE_RUBRICS:
+        raise ValueError(f"judge rubric {name!r} is unknown; choose one of {sorted(JUDGE_RUBRICS)}")
+    return JUDGE_RUBRICS[name]
+
+
+def judge_prompt(pred: str, gold: str, rubric: str = "topic") -> list[dict[str, str]]:
+    """Chat messages asking the judge to grade `pred` against `gold` with the named rubric."""
+    system, gold_label, pred_label = _rubric(rubric)
     answer = (pred or "").strip() or "(no answer)"
-    return [{"role": "system", "content": JUDGE_RUBRIC},
-            {"role": "user", "content": f"True topic: {gold}\nPredicted description: {answer}\nGrade:"}]
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": f"{gold_label}: {gold}\n{pred_label}: {answer}\nGrade:"}]
 
 
 def parse_grade(text: str | None) -> int | None:
@@ -203,54 +222,65 @@ class JudgeError(RuntimeError):
     """The judge endpoint refused the request or kept failing; the message names the URL and status."""
 
 
+# The client refuses to start without a key; servers that need none ignore whatever is sent.
+_NO_KEY = "no-key-needed"
+
+
 class LLMJudge:
-    """Grades predictions with a model behind an OpenAI-compatible /chat/completions endpoint."""
+    """Grades predictions with a model behind an OpenAI-compatible /chat/completions endpoint.
+
+    `tries` counts attempts in all: the openai client retries 408/409/429/5xx and connection errors
+    with exponential backoff (honouring Retry-After), and never retries other 4xx.
+    """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, api_key_env: str | None = None,
-                 timeout: float = 30.0, tries: int = 3, backoff: float = 1.0, max_tokens: int = 4):
+                 timeout: float = 30.0, tries: int = 3, max_tokens: int = 4, rubric: str = "topic"):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"LLMJudge: base_url {base_url!r} must start with http:// or https://")
+        _rubric(rubric)
         if api_key is None and api_key_env:
             api_key = os.environ.get(api_key_env)
             if not api_key:
                 raise ValueError(f"LLMJudge: environment variable {api_key_env} is not set; "
                                  "export the API key there")
+        try:
+            import openai  # optional: only the judge needs it
+        except ImportError as e:
+            raise ImportError('LLMJudge needs the openai package; install it with pip install -e ".[judge]"') from e
+        self._openai = openai
         self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key, self.timeout = model, api_key, timeout
-        self.tries, self.backoff, self.max_tokens = max(1, tries), backoff, max_tokens
+        self.model, self.rubric, self.tries, self.max_tokens = model, rubric, max(1, tries), max_tokens
+        # An explicit key even when there is none: with api_key=None the client would read
+        # OPENAI_API_KEY and send a real OpenAI key to whatever server base_url names.
+        self.client = openai.OpenAI(base_url=base_url.rstrip("/"), api_key=api_key or _NO_KEY,
+                                    timeout=timeout, max_retries=self.tries - 1)
 
-    def _post(self, body: dict) -> str:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:  # local servers often need no key
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data, last = json.dumps(body).encode(), ""
-        for attempt in range(self.tries):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return resp.read().decode(errors="replace")
-            except urllib.error.HTTPError as e:
-                detail = e.read().decode(errors="replace")[:300]
-                # 429 is a rate limit, i.e. transient, so it is retried like a server error.
-                if 400 <= e.code < 500 and e.code != 429:
-                    raise JudgeError(f"POST {self.url} returned HTTP {e.code}: {detail!r}; check the model "
-                                     "name, the API key and base_url") from e
-                last = f"HTTP {e.code}: {detail!r}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = repr(e)
-        raise JudgeError(f"POST {self.url} failed {self.tries} times (last: {last}); check the server is up")
+    def _complete(self, messages: list[dict[str, str]]) -> object:
+        openai = self._openai
+        try:
+            return self.client.chat.completions.create(model=self.model, messages=messages, temperature=0,
+                                                       max_tokens=self.max_tokens)
+        except openai.APIStatusError as e:
+            code, detail = e.status_code, e.response.text[:300]
+            if code in (408, 409, 429) or code >= 500:  # the ones the client retried
+                raise JudgeError(f"POST {self.url} failed {self.tries} times (last: HTTP {code}: {detail!r}); "
+                                 "check the server is up and not overloaded") from e
+            raise JudgeError(f"POST {self.url} returned HTTP {code}: {detail!r}; check the model name, "
+                             "the API key and base_url") from e
+        except openai.APIConnectionError as e:
+            raise JudgeError(f"POST {self.url} failed {self.tries} times (last: {e.__cause__ or e!r}); "
+                             "check the server is up and base_url is right") from e
+        except openai.APIError as e:
+            raise JudgeError(f"POST {self.url}: unreadable response ({e}); expected an OpenAI-style "
+                             "chat completion") from e
 
     def grade(self, pred: str, gold: str) -> int | None:
         """Grade 1-5 for `pred` against `gold`, or None when the reply holds no grade."""
-        body = {"model": self.model, "messages": judge_prompt(pred, gold), "temperature": 0,
-                "max_tokens": self.max_tokens}
-        reply = self._post(body)
+        resp = self._complete(judge_prompt(pred, gold, self.rubric))
         try:
-            content = json.loads(reply)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise JudgeError(f"POST {self.url}: unexpected response shape {str(reply)[:200]!r}; "
+            content = resp.choices[0].message.content
+        except (AttributeError, IndexError, TypeError) as e:
+            raise JudgeError(f"POST {self.url}: unexpected response shape {str(resp)[:200]!r}; "
                              "expected choices[0].message.content") from e
         return parse_grade(content)
 
