@@ -110,24 +110,81 @@ def pipeline_run(params: dict) -> Iterator[str | None]:
             raise
 
 
-def register_interpreter(params: dict, interpreter_dir: Path, base_model_dir: Path, stores: list[Path]) -> dict:
-    """Log the interpreter as a pyfunc model (code, no pickle) and register it; returns name/version."""
+def register_interpreter(params: dict, interpreter_dir: Path, base_model_dir: Path, stores: list[Path] = ()) -> dict:
+    """Log the interpreter as a pyfunc model (code, no pickle) and register it; returns name/version.
+
+    The logged model holds no path of this machine: the base model is recorded by identity (see
+    `tasks/pyfunc_interpreter.py` for how a loading machine finds it), `dit_core` is logged as code and
+    the third-party packages it needs are pinned.
+    """
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    from dit_core.config import ModelConfig
+    from dit_core.modeling.models import model_identity
+
     name = params["tracking"]["registered_model"]
+    model_cfg = ModelConfig(**params["model"])
     info = mlflow.pyfunc.log_model(
         name="interpreter",
         python_model=PYFUNC_CODE,
         artifacts={"interpreter": str(interpreter_dir)},
-        model_config={"base_model_dir": str(Path(base_model_dir).resolve()),
-                      "stores": [str(Path(s).resolve()) for s in stores],
+        model_config={"base_model": model_identity(base_model_dir, model_cfg),
+                      "stores": _portable_stores(stores),
                       "modules": params["diffs"]["modules"]},
+        code_paths=[DIT_CORE_DIR],
+        pip_requirements=pinned_requirements(),
+        # Without a params schema MLflow drops predict(params=...) with a warning.
+        signature=ModelSignature(params=ParamSchema([ParamSpec("stores", "string", [], (-1,))])),
         registered_model_name=name,
-        pip_requirements=["torch", "transformers", "peft", "safetensors", "polars"],
     )
     version = info.registered_model_version
     record = {"name": name, "version": str(version), "model_uri": f"models:/{name}/{version}",
               "run_id": mlflow.active_run().info.run_id}
     (Path(interpreter_dir) / "registry.json").write_text(json.dumps(record, indent=2))
     return record
+
+
+DIT_CORE_DIR = str(Path(__file__).resolve().parents[1] / "dit_core")
+# What dit_core imports on the load-and-describe path, fetching the base model included
+# (huggingface_hub for hub models, gguf for the embedded and gguf sources).
+RUNTIME_PACKAGES = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "gguf", "numpy",
+                    "polars", "pandera", "pydantic", "pyyaml")
+
+
+def pinned_requirements(packages: tuple[str, ...] = RUNTIME_PACKAGES) -> list[str]:
+    """`name==version` of each installed package, without local version labels.
+
+    A label such as torch's `+cpu` or `+cu124` names the index a build came from, not a version a
+    plain install can resolve; the loading machine picks its own build of the same version.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in packages:
+        try:
+            out.append(f"{pkg}=={version(pkg).split('+')[0]}")
+        except PackageNotFoundError as e:
+            raise MlflowException(f"cannot pin {pkg} for the registered interpreter: it is not installed "
+                                  f"here; install it (`pip install -e .`) and register again") from e
+    return out
+
+
+def _portable_stores(stores) -> list[str]:
+    """Diff stores as paths relative to the working directory (the project); others are left out.
+
+    A relative store finds the same diffs in any checkout of the project; an absolute path would name
+    this machine. Diffs outside the project are described from their files, or by passing stores.
+    """
+    cwd = Path.cwd().resolve()
+    out = []
+    for s in stores:
+        try:
+            out.append(Path(s).resolve().relative_to(cwd).as_posix())
+        except ValueError:
+            log.info("diff store %s is outside the project directory %s: not recorded with the model; "
+                     "pass it at load as model_config={'stores': [...]} to describe its diff ids", s, cwd)
+    return out
 
 
 def champion_gate(params: dict, version: str, score: float, test_set: str, scorer: str,

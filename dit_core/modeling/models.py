@@ -237,3 +237,64 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> L
     marker = path / SOURCE_FILE
     sha = json.loads(marker.read_text())["sha256"] if marker.is_file() else weights_sha256(path)
     return LoadedModel(model=model, tokenizer=tok, name=path.name, sha256=sha, path=path)
+
+
+def model_identity(path: str | Path, cfg: ModelConfig) -> dict:
+    """What a downloaded model is, without where it lies: source, id, revision and weights sha256.
+
+    Read from the directory's `dit_source.json` (written by the download stage); a directory without
+    one is described by `cfg` and the hash of its weights.
+    """
+    path = Path(path)
+    marker = path / SOURCE_FILE
+    recorded = json.loads(marker.read_text()) if marker.is_file() else {}
+    spec = {**_source_spec(cfg), **{k: recorded[k] for k in ("source", "id", "revision") if k in recorded}}
+    return {**spec, "sha256": recorded.get("sha256") or weights_sha256(path)}
+
+
+def model_cache_root() -> Path:
+    """This machine's cache of base models for registered interpreters: $DIT_MODEL_CACHE or ~/.cache/dit/models."""
+    import os
+
+    return Path(os.environ.get("DIT_MODEL_CACHE") or Path.home() / ".cache" / "dit" / "models").expanduser()
+
+
+def resolve_recorded_model(identity: dict, cache_root: str | Path) -> Path:
+    """The HF directory of a recorded model identity (see `model_identity`) on this machine.
+
+    Fetched into `cache_root` through the download stage's own `fetch_model` when missing, then
+    checked against the recorded sha256. Each identity gets its own subdirectory, so interpreters
+    registered for different models (or for same-named local directories) share one cache without
+    colliding.
+    """
+    missing = [k for k in ("source", "id", "sha256") if not identity.get(k)]
+    if missing:
+        raise ModelSourceError(f"recorded base model {identity} lacks {missing}; register the interpreter "
+                               "again (`dit stage train-interpreter`) to record its base model in full")
+    try:
+        cfg = ModelConfig(source=identity["source"], id=identity["id"], revision=identity.get("revision"),
+                          dtype="auto", device="auto", autocast="auto")
+    except ValueError as e:  # pydantic's ValidationError
+        raise ModelSourceError(f"recorded base model {identity} is not a valid model source: {e}") from e
+    key = hashlib.sha256(json.dumps([cfg.source, cfg.id, cfg.revision, identity["sha256"]]).encode()).hexdigest()[:16]
+    root = Path(cache_root) / key
+    target = model_dir(cfg, root)
+    if cfg.source in ("local", "gguf") and not (target / SOURCE_FILE).is_file() and not Path(cfg.id).exists():
+        kind = "HF model directory" if cfg.source == "local" else "GGUF file"
+        raise ModelSourceError(
+            f"the base model was recorded as the {kind} {cfg.id}, which does not exist on this machine, "
+            f"and the model cache has no copy at {target}. Put the {kind} at {cfg.id}, or copy the "
+            f"download stage's directory of it (with {SOURCE_FILE}) to {target}, or set DIT_MODEL_CACHE "
+            "to a cache that holds it"
+        )
+    path, fetched = fetch_model(cfg, root)
+    # A cached copy is re-hashed: its marker only says what the weights were when they were fetched.
+    actual = json.loads((path / SOURCE_FILE).read_text())["sha256"] if fetched else weights_sha256(path)
+    if actual != identity["sha256"]:
+        raise ModelSourceError(
+            f"{path}: weights sha256 {actual} differ from the recorded base model's sha256 "
+            f"{identity['sha256']} ({cfg.source}:{cfg.id}); the interpreter was trained on other weights. "
+            f"Delete {path} to fetch it again, or (for a hub model that moved) record a fixed model.revision "
+            "and train the interpreter again"
+        )
+    return path
