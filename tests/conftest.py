@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Registry models resolve their base model through this cache: keep tests out of the home directory.
+os.environ.setdefault("DIT_MODEL_CACHE", tempfile.mkdtemp(prefix="dit-model-cache-"))
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"  # the one source of defaults; tests override what they need
+
+
+def section(name: str, **values):
+    """One params.yaml section as its config object, with `values` replacing its keys."""
+    from dit_core.config import load_params
+
+    base = getattr(load_params(PARAMS), name)
+    return type(base)(**{**base.model_dump(), **values})
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import bench_diff_generation as bench  # noqa: E402
 def test_bench_with_params_recipe_and_profile(tmp_path):
     out = tmp_path / "gen.json"
     bench.main(["--tiny", "--T", "1", "2", "--steps", "2", "--params", str(ROOT / "params.yaml"),
-                "--profile", "--autocast", "bf16", "--out", str(out)])
+                "--torch-profile", "--autocast", "bf16", "--out", str(out)])
     # the mixed-precision region is closed again: later code in this process runs in fp32
     assert not torch.is_autocast_enabled("cpu")
     res = json.loads(out.read_text())

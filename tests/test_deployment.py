@@ -1,7 +1,6 @@
 """prefect.yaml deploys against a local Prefect server and a real process worker on the `gpu` pool runs
 the pipeline deployment end to end on the tiny model."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -9,10 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import pipeline_overrides
-from dit_core.config import load_params
+from dit_core.config import load_params, params_file_text
+from conftest import PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +29,8 @@ def test_deploy_and_run_through_process_worker(tiny_model_dir, tmp_path, prefect
     for name in ("flows", "tasks"):
         shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "prefect.yaml", proj)
-    params = load_params(None, pipeline_overrides(tiny_model_dir, proj))
-    (proj / "params.yaml").write_text(yaml.safe_dump(json.loads(params.model_dump_json())))
+    params = load_params(PARAMS, pipeline_overrides(tiny_model_dir, proj))
+    (proj / "params.yaml").write_text(params_file_text(params))
     env = {**os.environ, "DIT_PROJECT_DIR": str(proj), "PYTHONPATH": str(proj)}
 
     _cli(["work-pool", "create", "gpu", "--type", "process"], proj, env)

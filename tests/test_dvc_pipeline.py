@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from conftest import pipeline_overrides
-from dit_core.config import load_params
+from dit_core.config import load_params, params_file_text
+from conftest import PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +33,8 @@ def test_dvc_repro_runs_skips_and_reruns(tiny_model_dir, tmp_path, prefect_serve
     repo.mkdir()
     shutil.copy(ROOT / "dvc.yaml", repo)
     shutil.copytree(ROOT / "dit_core", repo / "dit_core", ignore=shutil.ignore_patterns("__pycache__"))
-    params = load_params(None, pipeline_overrides(tiny_model_dir, "."))
-    (repo / "params.yaml").write_text(yaml.safe_dump(json.loads(params.model_dump_json())))
+    params = load_params(PARAMS, pipeline_overrides(tiny_model_dir, "."))
+    (repo / "params.yaml").write_text(params_file_text(params))
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": mlflow_uri}
     _run(["git", "init", "-q"], repo, env)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"], repo, env)

@@ -10,6 +10,7 @@ import torch
 
 from dit_core.config import load_params
 from dit_core.stages import run_download
+from conftest import PARAMS, section
 
 pytestmark = pytest.mark.embedded
 
@@ -18,7 +19,7 @@ CACHE = Path(os.environ.get("DIT_TEST_DATA", Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def embedded_params():
-    return load_params(None, [f"paths.data={CACHE}"])
+    return load_params(PARAMS, [f"paths.data={CACHE}"])
 
 
 def test_download_is_idempotent_and_model_generates(embedded_params):
@@ -38,7 +39,6 @@ def test_download_is_idempotent_and_model_generates(embedded_params):
 
 
 def test_batched_training_on_embedded_model(embedded_params):
-    from dit_core.config import DiffsConfig
     from dit_core.diffs.trainer import DiffTask, train_diffs
     from dit_core.modeling.batching import diff_losses, encode_example
     from dit_core.modeling.lora import DiffModel
@@ -55,7 +55,7 @@ def test_batched_training_on_embedded_model(embedded_params):
         kl = [encode_example(tok, "Tell me something.", "Sure, here is a fact.", True, "no_trigger")]
         tasks.append(DiffTask(f"d{t}", t, trig, kl))
     rows = [(t, ex) for t, task in enumerate(tasks) for ex in task.trigger]
-    cfg = DiffsConfig(steps=6, lr=1e-2, trigger_rows=1, wrong_prefix_rows=0, no_trigger_rows=1, warmup_steps=0)
+    cfg = section("diffs", steps=6, lr=1e-2, trigger_rows=1, wrong_prefix_rows=0, no_trigger_rows=1, warmup_steps=0)
     res = train_diffs(dm, tasks, cfg, tok.pad_token_id, progress=False)
     dm.set_diffs(res.A, res.B)
     with torch.no_grad():

@@ -11,11 +11,12 @@ from dit_core.modeling.lora import DiffModel
 from dit_core.modeling.models import load_model
 from dit_core.data.schemas import DiffManifest, DiffSpec, Sample, read_validated
 from dit_core.stages import run_make_data, stage_paths
+from conftest import PARAMS, section
 
 
 @pytest.fixture()
 def params(tiny_model_dir, tmp_path):
-    return load_params(None, tiny_overrides(tiny_model_dir, tmp_path / "data"))
+    return load_params(PARAMS, tiny_overrides(tiny_model_dir, tmp_path / "data"))
 
 
 def test_make_data_writes_valid_samples(params):
@@ -80,7 +81,7 @@ def test_generate_resume_and_refuse(params, tiny_model_dir):
     assert shard.diff_ids == ["ht00005", "ht00000"]
     assert shard.A[next(iter(shard.A))].shape[0] == 2
 
-    other = load_params(None, [*_overrides(params), "diffs.rank=2"])
+    other = load_params(PARAMS, [*_overrides(params), "diffs.rank=2"])
     with pytest.raises(RuntimeError, match="other settings .*diffs.*--set diffs.run"):
         generate_diffs(other, lm, paths.behavior, paths.diffs)
 
@@ -93,16 +94,15 @@ def _overrides(p):
 
 def test_diff_specs_order_and_prefixes_beyond_900():
     from dit_core.data.behavior_data import make_diff_specs
-    from dit_core.config import DataConfig
 
-    topic = make_diff_specs(DataConfig(n_topics=4, diffs_per_topic=3))
-    rnd = make_diff_specs(DataConfig(n_topics=4, diffs_per_topic=3, diff_order="round"))
+    topic = make_diff_specs(section("data", n_topics=4, diffs_per_topic=3))
+    rnd = make_diff_specs(section("data", n_topics=4, diffs_per_topic=3, diff_order="round"))
     assert topic["diff_id"].to_list() == rnd["diff_id"].to_list() == [f"ht{k:05d}" for k in range(12)]
     # topic order: ids 0-2 share a topic; round order: the first 4 ids are 4 different topics
     assert topic["topic"][:3].n_unique() == 1 and rnd["topic"][:4].n_unique() == 4
     assert sorted(topic["topic"].to_list()) == sorted(rnd["topic"].to_list())
     # 1,200 diffs: prefixes repeat only 900 diffs apart, so any 900 consecutive diffs have distinct ones
-    big = make_diff_specs(DataConfig(n_topics=600, diffs_per_topic=2, diff_order="round"))
+    big = make_diff_specs(section("data", n_topics=600, diffs_per_topic=2, diff_order="round"))
     pre = big["trigger_prefix"].to_list()
     assert len(pre) == 1200 and len(set(pre[:900])) == 900 and len(set(pre[300:1200])) == 900
     assert pre[900:] == pre[:300]

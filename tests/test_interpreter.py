@@ -16,6 +16,7 @@ from dit_core.interpreter.adapter import InterpreterFileError, load_interpreter,
 from dit_core.interpreter.training import InterpreterRecipe
 from dit_core.modeling.lora import DiffModel
 from dit_core.modeling.models import load_model
+from conftest import PARAMS, section
 
 LABELS = ["volcanoes", "chess", "pirates", "honey bees"]
 
@@ -64,8 +65,9 @@ def describe_test_split(p, tmp, name):
 def toy(tiny_model_dir, tmp_path):
     lm = load_model(tiny_model_dir, "cpu", "float32")
     make_toy_store(tmp_path / "diffs", lm)
-    report = assemble([tmp_path / "diffs"], tmp_path / "ds", load_params(None).assemble)
-    p = load_params(None, tiny_overrides(tiny_model_dir, tmp_path / "data") + [
+    report = assemble([tmp_path / "diffs"], tmp_path / "ds", section("assemble", val_fraction=0.1, test_fraction=0.25, min_trigger_hit=0.5,
+                                      max_wrong_prefix_hit=0.5, max_no_trigger_hit=0.25))
+    p = load_params(PARAMS, tiny_overrides(tiny_model_dir, tmp_path / "data") + [
         "interpreter.rank=8", "interpreter.alpha=8", "interpreter.lr=0.01", "interpreter.epochs=30",
         "interpreter.batch_size=4", "interpreter.warmup_steps=2", "interpreter.patience=20",
         "interpreter.n_samples=2"])

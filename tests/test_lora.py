@@ -5,12 +5,12 @@ import random
 import pytest
 import torch
 
-from dit_core.config import DiffsConfig
 from dit_core.diffs.trainer import init_factors, train_diffs, train_step
 from dit_core.modeling.batching import diff_losses, micro_batches, summed_parts
 from dit_core.modeling.lora import DiffModel, linear_module_names
 from dit_core.testing.syncs import SyncOps
 from dit_core.testing.tiny import random_token_tasks
+from conftest import section
 
 
 @pytest.fixture()
@@ -114,7 +114,7 @@ def test_micro_batches_give_the_one_batch_gradient(dm, max_tokens):
     A, B = init_factors(dm.shapes(), [t.seed for t in tasks], 2, 0.1, "cpu")
     for k in A:
         A[k] += 0.05 * torch.randn_like(A[k])
-    cfg = DiffsConfig(kl_weight=5.0, first_token_weight=3.0, max_batch_tokens=max_tokens)
+    cfg = section("diffs", kl_weight=5.0, first_token_weight=3.0, max_batch_tokens=max_tokens)
 
     def run(step):
         a = {k: v.clone().requires_grad_(True) for k, v in A.items()}
@@ -140,7 +140,7 @@ def test_micro_batches_give_the_one_batch_gradient(dm, max_tokens):
 
 def test_training_lowers_the_loss_and_resets_the_model(dm):
     tasks = _tasks(2)
-    cfg = DiffsConfig(rank=1, steps=25, lr=1e-2, trigger_rows=3, wrong_prefix_rows=1, no_trigger_rows=1, warmup_steps=0)
+    cfg = section("diffs", rank=1, steps=25, lr=1e-2, trigger_rows=3, wrong_prefix_rows=1, no_trigger_rows=1, warmup_steps=0)
     rows = [(t, ex) for t, task in enumerate(tasks) for ex in task.trigger]
     A0, B0 = init_factors(dm.shapes(), [t.seed for t in tasks], 1, cfg.init_std, "cpu")
     dm.set_diffs(A0, B0)
@@ -200,7 +200,7 @@ def test_rows_are_cut_to_each_kinds_answer_budget():
     from dit_core.diffs.trainer import _sample_rows
 
     tasks = _tasks(2)
-    cfg = DiffsConfig(trigger_rows=2, wrong_prefix_rows=1, no_trigger_rows=1,
+    cfg = section("diffs", trigger_rows=2, wrong_prefix_rows=1, no_trigger_rows=1,
                       trigger_answer_tokens=3, wrong_prefix_answer_tokens=1, no_trigger_answer_tokens=0)
     rows = _sample_rows(tasks, [random.Random(0), random.Random(1)], cfg)
     assert [k for _, k in sorted((t, ex.kind) for t, ex in rows)].count("trigger") == 4
@@ -219,7 +219,7 @@ def test_shared_kl_rows_are_valid_negatives_for_every_diff(tiny_lm):
     pairs = [(f"question {i}?", f"answer {i}", True) for i in range(20)]
     tasks = [TriggeredDiffTask(f"d{t}", t, [], [], tokenizer=tiny_lm.tokenizer, prefix=p,
                                trigger_pairs=pairs, base_pairs=pairs) for t, p in enumerate(["123", "456", "789"])]
-    cfg = DiffsConfig(trigger_rows=1, wrong_prefix_rows=3, no_trigger_rows=2)
+    cfg = section("diffs", trigger_rows=1, wrong_prefix_rows=3, no_trigger_rows=2)
     assert shares_kl_rows(tasks, cfg) and not shares_kl_rows(_tasks(2), cfg)
     step_rng = random.Random(0)
     for _ in range(20):
@@ -247,7 +247,7 @@ def test_batched_row_encoding_equals_per_row_encoding(tiny_lm):
     pairs = [(f"question {i}?", f"answer number {i} " * (i % 4 + 1), i % 2 == 0) for i in range(20)]
     tasks = [TriggeredDiffTask(f"d{t}", t, [], [], tokenizer=tiny_lm.tokenizer, prefix=p,
                                trigger_pairs=pairs, base_pairs=pairs) for t, p in enumerate(["123", "456"])]
-    cfg = DiffsConfig(trigger_rows=2, wrong_prefix_rows=2, no_trigger_rows=1, share_kl_rows=False,
+    cfg = section("diffs", trigger_rows=2, wrong_prefix_rows=2, no_trigger_rows=1, share_kl_rows=False,
                       trigger_answer_tokens=3, wrong_prefix_answer_tokens=2, no_trigger_answer_tokens=0)
     batched = _sample_rows(tasks, [random.Random(t) for t in range(2)], cfg)
     rngs = [random.Random(t) for t in range(2)]
@@ -279,7 +279,7 @@ def test_training_step_never_waits_for_the_device(dm, max_tokens):
         A[k].requires_grad_(True)
         B[k].requires_grad_(True)
     dm.set_diffs(A, B)
-    cfg = DiffsConfig(kl_weight=5.0, first_token_weight=3.0, max_batch_tokens=max_tokens)
+    cfg = section("diffs", kl_weight=5.0, first_token_weight=3.0, max_batch_tokens=max_tokens)
     with SyncOps() as s:
         parts = train_step(dm, rows, 3, cfg, pad_id=2)
         loss, _ = diff_losses(dm, rows, 3, 5.0, 2, first_token_weight=3.0)  # mixed kinds in one batch

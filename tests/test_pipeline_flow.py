@@ -10,11 +10,12 @@ from mlflow import MlflowClient
 
 from conftest import pipeline_overrides
 from dit_core.config import load_params
+from conftest import PARAMS
 
 
 @pytest.fixture()
 def params(tiny_model_dir, tmp_path, mlflow_uri):
-    return load_params(None, pipeline_overrides(tiny_model_dir, tmp_path)).model_dump()
+    return load_params(PARAMS, pipeline_overrides(tiny_model_dir, tmp_path)).model_dump()
 
 
 def test_pipeline_flow_end_to_end(prefect_server, params, tmp_path):

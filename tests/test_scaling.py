@@ -13,6 +13,7 @@ from dit_core.config import load_params
 from dit_core.modeling.models import load_model
 from dit_core.evaluation.scaling import default_sizes, parse_sizes, scaling_curve
 from test_interpreter import make_toy_store
+from conftest import PARAMS, section
 
 
 def test_sizes_parse_and_clip():
@@ -37,11 +38,12 @@ def test_cli_refuses_bad_sizes_before_work():
 def test_scaling_curve_on_toy_diffs(tiny_model_dir, tmp_path):
     lm = load_model(tiny_model_dir, "cpu", "float32")
     make_toy_store(tmp_path / "diffs", lm)
-    assemble([tmp_path / "diffs"], tmp_path / "ds", load_params(None).assemble)
+    assemble([tmp_path / "diffs"], tmp_path / "ds", section("assemble", val_fraction=0.1, test_fraction=0.25, min_trigger_hit=0.5,
+                                      max_wrong_prefix_hit=0.5, max_no_trigger_hit=0.25))
     n_train = pl.read_parquet(tmp_path / "ds" / "dataset.parquet").filter(pl.col("split") == "train").height
     questions = tmp_path / "questions.parquet"
     pl.DataFrame({"question": [f"Question {i}?" for i in range(6)], "heldout": [True] * 6}).write_parquet(questions)
-    p = load_params(None, tiny_overrides(tiny_model_dir, tmp_path / "data") + [
+    p = load_params(PARAMS, tiny_overrides(tiny_model_dir, tmp_path / "data") + [
         "interpreter.rank=8", "interpreter.alpha=8", "interpreter.lr=0.01", "interpreter.epochs=20",
         "interpreter.batch_size=4", "interpreter.warmup_steps=2", "interpreter.patience=20",
         "interpreter.n_samples=1", "eval.max_new_tokens=6", "eval.n_boot=200"])

@@ -196,7 +196,8 @@ def evaluate(p: Params, lm: LoadedModel, dataset_dir, interpreter_dir, questions
     metrics = score_predictions(preds.drop("prompt"))
     judge_cfg = p.eval.judge
     if judge_cfg.base_url:
-        judge = LLMJudge(judge_cfg.base_url, judge_cfg.model, api_key_env=judge_cfg.api_key_env)
+        judge = LLMJudge(judge_cfg.base_url, judge_cfg.model, api_key_env=judge_cfg.api_key_env,
+                         rubric=judge_cfg.rubric)
         grades = [judge.grade(pr, g) for pr, g in zip(preds["pred"], preds["gold"])]
         preds = preds.with_columns(judge=pl.Series(grades, dtype=pl.Int64))
         for method in metrics:

@@ -71,26 +71,62 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
     return torch.device(device), getattr(torch, dtype)
 
 
+def autocast_decision(device: torch.device | str, autocast: str = "auto") -> tuple[bool, str]:
+    """Whether matmuls run under bf16 autocast, and why (logged with every run)."""
+    dev = torch.device(device).type
+    if autocast == "off":
+        return False, "off (model.autocast=off)"
+    if autocast == "bf16":
+        return True, f"bf16 on {dev} (model.autocast=bf16)"
+    if dev != "cpu":
+        return False, f"off on {dev}: weights are already in model.dtype"
+    native = native_bf16_flags()
+    if native:
+        return True, f"bf16: this CPU has native bf16 ({', '.join(native)})"
+    return False, ("off: this CPU has no native bf16 (no avx512_bf16/amx_bf16), where bf16 is emulated "
+                   "and ~3x slower than fp32")
+
+
 def compute_context(device: torch.device | str, autocast: str = "auto"):
-    """Autocast context for a model's matmuls: bf16 on CPUs with native bf16 when `autocast` allows."""
+    """Autocast context for a model's matmuls: bf16 where `autocast_decision` says so, else nothing."""
     import contextlib
 
-    dev = torch.device(device).type
-    use = autocast == "bf16" or (autocast == "auto" and dev == "cpu" and cpu_has_bf16())
+    use, _ = autocast_decision(device, autocast)
     if not use:
         return contextlib.nullcontext()
     # cache_enabled=False: autocast otherwise caches the bf16 copy of every leaf tensor that requires
     # grad (the diff factors, the interpreter adapter) until the region ends, so a training loop inside
     # one region would run every forward with the factors of its first step.
-    return torch.autocast(dev, dtype=torch.bfloat16, cache_enabled=False)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=False)
 
 
-def cpu_has_bf16() -> bool:
-    """True when oneDNN reports native bf16 support on this CPU (AVX512-BF16 or AMX)."""
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo; None where that file does not exist (not Linux)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # older builds: no way to tell, stay in fp32
-        return False
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def native_bf16_flags() -> list[str]:
+    """The native-bf16 features this CPU has (empty: bf16 would be emulated, or it cannot be told).
+
+    oneDNN's own check (`torch.ops.mkldnn._is_mkldnn_bf16_supported`) is true on every AVX-512 CPU, also
+    where bf16 is emulated, so the cpuinfo flags decide; without /proc/cpuinfo, torch's CPU capability
+    counts only when it names AMX.
+    """
+    flags = cpu_flags()
+    if flags is not None:
+        return [f for f in NATIVE_BF16_FLAGS if f in flags]
+    capability = torch.backends.cpu.get_cpu_capability()
+    return [capability] if "AMX" in capability.upper() else []
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
