@@ -179,6 +179,17 @@ class ScalingConfig(_Section):
     sizes: str | None = Field(
         description="training-set sizes, e.g. 16,32,all; null: 8, 16, 32, ... and the whole train split")
 
+    @field_validator("sizes", mode="before")
+    @classmethod
+    def _sizes(cls, v):
+        if v is None:
+            return v
+        text = ",".join(str(x) for x in v) if isinstance(v, list) else str(v)
+        parts = [s.strip() for s in text.split(",") if s.strip()]
+        if not parts or not all(s == "all" or (s.isdigit() and int(s) >= 1) for s in parts):
+            raise ValueError("expected whole numbers >= 1 or 'all', separated by commas, e.g. 16,32,all")
+        return ",".join(parts)
+
 
 class TrackingConfig(_Section):
     """MLflow tracking: MLFLOW_TRACKING_URI wins over `uri`."""

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dit_core.data.behavior_data import BEHAVIOR, make_hidden_topic_data
-from dit_core.config import Params
-from dit_core.io import write_json_atomic
+import functools
+
+from dit_core.config import Params, resolved_yaml
+from dit_core.io import atomic_path, write_json_atomic
 from dit_core.modeling.models import compute_context, fetch_model, load_model, model_dir
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,27 @@ def stage_paths(p: Params) -> StagePaths:
         diffs=data / "diffs" / p.diffs.run,
         reports=Path(p.paths.reports),
     )
+
+
+@functools.lru_cache(maxsize=1)
+def wrapped_model(path: str, device: str, dtype: str, modules: str):
+    """(LoadedModel, DiffModel): one model per process, wrapped once and reused by every shard it trains."""
+    from dit_core.modeling.lora import DiffModel
+
+    lm = load_model(path, device, dtype)
+    return lm, DiffModel(lm.model, modules)
+
+
+RESOLVED_PARAMS = "params.resolved.yaml"
+
+
+def write_resolved_params(p: Params, folder: str | Path) -> Path:
+    """The params a run used (profiles, overrides and git commit included), written into `folder`."""
+    path = Path(folder) / RESOLVED_PARAMS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(resolved_yaml(p))
+    return path
 
 
 def run_download(p: Params) -> dict:
@@ -138,8 +161,10 @@ def run_evaluate(p: Params, interpreter: str | Path | None = None) -> dict:
     paths = stage_paths(p)
     lm = load_model(paths.model, p.model.device, p.model.dtype)
     with compute_context(lm.device, p.model.autocast):
-        return evaluate(p, lm, dataset_dir(p), interpreter or interpreter_dir(p),
-                        paths.behavior / "questions.parquet", paths.reports)
+        result = evaluate(p, lm, dataset_dir(p), interpreter or interpreter_dir(p),
+                          paths.behavior / "questions.parquet", paths.reports)
+    write_resolved_params(p, paths.reports)
+    return result
 
 
 def scaling_dir(p: Params) -> Path:
@@ -165,5 +190,6 @@ def run_scaling(p: Params, sizes: str | None = None, on_point=None) -> dict:
     out = scaling_dir(p)
     with compute_context(lm.device, p.model.autocast):
         points = scaling_curve(p, lm, ds, out, size_list, paths.behavior / "questions.parquet", on_point=on_point)
+    write_resolved_params(p, out)
     return {"points": [public(pt) for pt in points],
             "table": (out / "scaling.md").read_text(), "dir": str(out)}

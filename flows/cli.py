@@ -28,6 +28,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 ParamsOpt = typer.Option("params.yaml", "--params", "-p", help="params file (every default lives there)")
 ProfileOpt = typer.Option(None, "--profile", "-P",
                           help="profile laid over the params file: profiles/NAME.yaml or a .yaml path (repeatable, in order)")
+EngineOpt = typer.Option("prefect", "--engine", "-e",
+                         help="prefect: as Prefect flows (a temporary server unless PREFECT_API_URL is set); "
+                              "local: the same stage code in this process, no Prefect (with tracking.enabled=false "
+                              "no MLflow either)")
+BudgetOpt = typer.Option(None, "--budget", help="seconds for diff generation (= --set diffs.budget_s=SECONDS)")
 SetOpt = typer.Option(None, "--set", "-s", help="override a param, e.g. --set diffs.rank=2 (repeatable, wins over profiles)")
 
 EXIT_CONFIG, EXIT_FAILED = 2, 1
@@ -51,41 +56,78 @@ def _run_flow(flow, params: dict, **kwargs) -> dict:
         raise typer.Exit(EXIT_FAILED) from None
 
 
+STAGE_NAMES = ("download", "make-data", "generate-diffs", "assemble", "train-interpreter", "evaluate", "scaling")
+
+
+def _engine(engine: str) -> None:
+    if engine not in ("prefect", "local"):
+        typer.secho(f"error: --engine {engine!r}: choose prefect or local", fg="red", err=True)
+        raise typer.Exit(EXIT_CONFIG)
+
+
+def _with_budget(set_: Optional[list[str]], budget: Optional[float]) -> list[str]:
+    return [*(set_ or []), *([f"diffs.budget_s={budget}"] if budget is not None else [])]
+
+
 @app.command()
 def stage(
-    name: str = typer.Argument(..., help="download | make-data | generate-diffs | assemble | train-interpreter | evaluate"),
+    name: str = typer.Argument(..., help=" | ".join(STAGE_NAMES)),
     params_file: str = ParamsOpt,
     profile: Optional[list[str]] = ProfileOpt,
     set_: Optional[list[str]] = SetOpt,
+    budget: Optional[float] = BudgetOpt,
+    engine: str = EngineOpt,
 ) -> None:
     """Run one pipeline stage (the same entry point dvc.yaml calls).
 
-    Example: dit stage generate-diffs --set data.n_topics=16
+    Examples:
+      dit stage generate-diffs --profile gated --budget 3600
+      dit stage evaluate --engine local --set tracking.enabled=false
     """
-    from flows.pipeline import STAGE_FLOWS
-
-    if name not in STAGE_FLOWS:
-        typer.secho(f"error: unknown stage '{name}'; choose one of {', '.join(STAGE_FLOWS)}", fg="red", err=True)
+    if name not in STAGE_NAMES:
+        typer.secho(f"error: unknown stage '{name}'; choose one of {', '.join(STAGE_NAMES)}", fg="red", err=True)
         raise typer.Exit(EXIT_CONFIG)
-    params = _load(params_file, set_, profile)
-    result = _run_flow(STAGE_FLOWS[name], params)
+    _engine(engine)
+    params = _load(params_file, _with_budget(set_, budget), profile)
+    if engine == "local":
+        from tasks.stage_runs import run_stage
+
+        result = _run_flow(lambda p: run_stage(p, name), params)
+    else:
+        from flows.pipeline import STAGE_FLOWS
+
+        result = _run_flow(STAGE_FLOWS[name], params)
     typer.echo(json.dumps(result, indent=2, default=str))
 
 
 @app.command()
 def run(params_file: str = ParamsOpt, profile: Optional[list[str]] = ProfileOpt,
-        set_: Optional[list[str]] = SetOpt) -> None:
-    """Run the whole pipeline on the configured model (default: the embedded SmolLM2-135M, offline).
+        set_: Optional[list[str]] = SetOpt, budget: Optional[float] = BudgetOpt,
+        engine: str = EngineOpt) -> None:
+    """Run the whole pipeline on the configured model (default: the embedded SmolLM2-135M).
 
-    Example: dit run --set data.n_topics=8
+    Examples:
+      dit run
+      dit run --profile paper --profile gpu --budget 1800
+      dit run --engine local --set tracking.enabled=false     # no Prefect, no MLflow
     """
-    from flows.pipeline import pipeline_flow
+    _engine(engine)
+    params = _load(params_file, _with_budget(set_, budget), profile)
+    if engine == "local":
+        from tasks.stage_runs import run_pipeline
 
-    params = _load(params_file, set_, profile)
-    result = _run_flow(pipeline_flow, params)
+        result = _run_flow(run_pipeline, params)
+    else:
+        from flows.pipeline import pipeline_flow
+
+        result = _run_flow(pipeline_flow, params)
     ev = result.get("evaluate", {})
     summary = {k: v for k, v in result.items() if k != "evaluate"}
     typer.echo(json.dumps(summary, indent=2, default=str))
+    diffs = result.get("generate-diffs", {})
+    if diffs.get("stopped"):
+        typer.secho(f"diff generation stopped early: {diffs['stopped']}; {diffs.get('n_diffs')} diffs made",
+                    fg="yellow", err=True)
     typer.echo("\n" + ev.get("table", ""))
     if "champion" in ev:
         typer.echo(f"champion: {ev['champion']['reason']}")
@@ -209,29 +251,29 @@ def export_peft_cmd(
 
 @app.command()
 def scaling(
-    sizes: str = typer.Option(None, "--sizes", help="training-set sizes, e.g. 16,32,all (default: 8, 16, 32, ..., all)"),
+    sizes: str = typer.Option(None, "--sizes", help="training-set sizes, e.g. 16,32,all (= --set scaling.sizes=...)"),
     params_file: str = ParamsOpt,
     profile: Optional[list[str]] = ProfileOpt,
     set_: Optional[list[str]] = SetOpt,
+    engine: str = EngineOpt,
 ) -> None:
     """The data-scaling curve: train one interpreter per number of training diffs (nested subsets of the
-    assembled train split) and score DIT on the test split; writes reports/scaling/.
+    assembled train split) and score DIT on the test split; writes reports/scaling/ (DVC stage `scaling`).
 
     Examples:
       dit scaling --sizes 16,32,all
-      dit scaling --sizes 125,250,500,1000 --set interpreter.epochs=20
+      dit scaling --profile paper --profile gpu          # the profile's scaling.sizes
     """
-    from dit_core.evaluation.scaling import parse_sizes
-    from flows.pipeline import scaling_flow
+    _engine(engine)
+    params = _load(params_file, [*(set_ or []), *([f"scaling.sizes={sizes}"] if sizes else [])], profile)
+    if engine == "local":
+        from tasks.stage_runs import run_stage
 
-    if sizes is not None:
-        try:
-            parse_sizes(sizes, n_train=10**9)
-        except ValueError as e:
-            typer.secho(f"error: {e}", fg="red", err=True)
-            raise typer.Exit(EXIT_CONFIG) from None
-    params = _load(params_file, set_, profile)
-    result = _run_flow(scaling_flow, params, sizes=sizes)
+        result = _run_flow(lambda p: run_stage(p, "scaling"), params)
+    else:
+        from flows.pipeline import scaling_flow
+
+        result = _run_flow(scaling_flow, params)
     typer.echo(result["table"])
     typer.echo(f"written to {result['dir']}")
 

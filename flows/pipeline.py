@@ -1,4 +1,5 @@
-"""Prefect flows: one per stage and the whole pipeline. `dit stage <name>` and `dit run` call these."""
+"""Prefect flows: one per stage and the whole pipeline. `dit stage <name>` and `dit run` call these
+(`--engine local` runs the same stage bodies without Prefect: tasks/stage_runs.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from tasks import stage_runs
 from tasks import stages as t
 
 
@@ -25,7 +27,9 @@ def make_data_flow(params: dict) -> dict:
 # Shards run one at a time locally (one model, few cores); a RayTaskRunner spreads them over GPUs.
 @flow(name="stage-generate-diffs", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def generate_diffs_flow(params: dict, parent_run_id: str | None = None) -> dict:
-    """Train all weight diffs, mapping one task over each shard."""
+    """Train all weight diffs: one task per shard, mapped (no budget) or in turn within diffs.budget_s."""
+    if params["diffs"]["budget_s"] is not None:  # a budget decides shard by shard whether the next fits
+        return stage_runs.generate_diffs(params, parent_run_id, train=t.train_shard)
     n = t.prepare_diffs(params)
     t0 = time.time()
     futures = t.train_shard.map(params=unmapped(params), index=list(range(n)))
@@ -54,7 +58,7 @@ def evaluate_flow(params: dict) -> dict:
 @flow(name="scaling-curve")
 def scaling_flow(params: dict, sizes: str | None = None) -> dict:
     """Held-out DIT score against training diffs: one interpreter per size on the assembled dataset."""
-    return t.scaling(params, sizes)
+    return t.scaling(params, sizes if sizes is not None else params["scaling"]["sizes"])
 
 
 STAGE_FLOWS = {
@@ -64,6 +68,13 @@ STAGE_FLOWS = {
     "assemble": assemble_flow,
     "train-interpreter": train_interpreter_flow,
     "evaluate": evaluate_flow,
+    "scaling": scaling_flow,
+}
+
+# What the pipeline flow runs for each stage of stage_runs.PIPELINE.
+PIPELINE_STEPS = {
+    "download": t.download, "make-data": t.make_data, "generate-diffs": generate_diffs_flow,
+    "assemble": t.assemble, "train-interpreter": t.train_interpreter, "evaluate": t.evaluate,
 }
 
 
@@ -74,25 +85,15 @@ def pipeline_flow(params: dict | None = None) -> dict:
     params: a full params dict (as `dit run` passes); empty or None reads params.yaml.
     """
     from dit_core.config import load_params, params_from_dict
-    from tasks.tracking import pipeline_run
 
     params = params_from_dict(params).model_dump() if params else load_params("params.yaml").model_dump()
-
-    with pipeline_run(params) as parent:
-        out = {
-            "download": t.download(params, parent),
-            "make-data": t.make_data(params, parent),
-            "generate-diffs": generate_diffs_flow(params, parent),
-            "assemble": t.assemble(params, parent),
-            "train-interpreter": t.train_interpreter(params, parent),
-            "evaluate": t.evaluate(params, parent),
-        }
-    return out
+    return stage_runs.run_pipeline(params, PIPELINE_STEPS)
 
 
 @flow(name="dit-retrain")
-def retrain_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict:
+def retrain_flow(params_file: str = "params.yaml", overrides: list[str] | None = None,
+                 profiles: list[str] | None = None) -> dict:
     """Scheduled retraining: read params.yaml in the working directory, then run the whole pipeline."""
     from dit_core.config import load_params
 
-    return pipeline_flow(load_params(params_file, overrides or []).model_dump())
+    return pipeline_flow(load_params(params_file, overrides or [], profiles or []).model_dump())

@@ -88,12 +88,31 @@ def stage_run(params: dict, stage: str, parent_run_id: str | None = None) -> Ite
     with mlflow.start_run(run_name=stage, parent_run_id=parent_run_id, nested=active is not None,
                           tags={"dit.stage": stage}) as run:
         mlflow.log_params(_flat({k: params[k] for k in params if k != "tracking"}))
+        mlflow.log_params(_run_record(params))
+        mlflow.log_text(_resolved_yaml(params), "params.resolved.yaml")
         try:
             yield StageRun(run)
         except BaseException as e:
             mlflow.set_tag("dit.error", f"{type(e).__name__}: {e}"[:4000])
             mlflow.end_run(status="FAILED")
             raise
+
+
+def _resolved_yaml(params: dict) -> str:
+    from dit_core.config import params_from_dict, resolved_yaml
+
+    return resolved_yaml(params_from_dict(params))
+
+
+def _run_record(params: dict) -> dict[str, str]:
+    """The profile, the commit and the autocast decision, as params any run can be searched by."""
+    from dit_core.modeling.models import autocast_decision, resolve_device_dtype
+
+    run = params.get("run") or {}
+    device, _ = resolve_device_dtype(params["model"]["device"], params["model"]["dtype"])
+    return {"profile": "+".join(run.get("profiles") or []) or "(none)",
+            "git_commit": str(run.get("git_commit")),
+            "autocast.decision": autocast_decision(device, params["model"]["autocast"])[1][:500]}
 
 
 @contextmanager
@@ -103,6 +122,8 @@ def pipeline_run(params: dict) -> Iterator[str | None]:
         yield None
         return
     with mlflow.start_run(run_name="pipeline", tags={"dit.stage": "pipeline"}) as run:
+        mlflow.log_params(_run_record(params))
+        mlflow.log_text(_resolved_yaml(params), "params.resolved.yaml")
         try:
             yield run.info.run_id
         except BaseException as e:
@@ -221,3 +242,26 @@ def champion_gate(params: dict, version: str, score: float, test_set: str, score
                                             f"v{champ.version} {scorer}={champ_score:.3f} on test set {test_set}"}
     return {"promoted": False, "reason": f"version {version} {scorer}={score:.3f} does not beat champion "
                                          f"v{champ.version} {scorer}={champ_score:.3f} on test set {test_set}"}
+
+
+def gate_champion(params: dict, p, record: dict, top1: float) -> dict:
+    """The evaluate stage's champion decision for the version in `record` (interpreter registry.json).
+
+    A champion scored on another test set is re-scored on this one first (DIT only, no judge).
+    """
+    from dit_core.interpreter.training import dataset_version
+    from dit_core.stages import dataset_dir, run_evaluate
+
+    test_set = dataset_version(dataset_dir(p) / "dataset.parquet")
+
+    def score_champion(uri: str) -> float:
+        local = mlflow.artifacts.download_artifacts(f"{uri}/artifacts/interpreter")
+        check = p.model_copy(update={
+            "eval": p.eval.model_copy(update={"methods": ["dit"],
+                                              "judge": p.eval.judge.model_copy(update={"base_url": None})}),
+            "paths": p.paths.model_copy(update={"reports": f"{p.paths.reports}/champion_check"})})
+        return run_evaluate(check, interpreter=local)["metrics"]["dit"]["top1"]
+
+    gate = champion_gate(params, record["version"], top1, test_set, "top1", score_champion)
+    log.info("champion gate: %s", gate["reason"])
+    return gate

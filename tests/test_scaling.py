@@ -32,7 +32,7 @@ def test_cli_refuses_bad_sizes_before_work():
 
     res = CliRunner().invoke(app, ["scaling", "--sizes", "ten"])
     assert res.exit_code == 2
-    assert "'ten' is neither" in res.output
+    assert "scaling.sizes = 'ten'" in res.output and "e.g. 16,32,all" in res.output
 
 
 def test_scaling_curve_on_toy_diffs(tiny_model_dir, tmp_path):

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import polars as pl
 
@@ -27,7 +28,7 @@ def _run_identity(p: Params, lm: LoadedModel, behavior_dir: Path) -> dict:
     """What must match for a rerun to resume instead of starting over."""
     return {
         "base_model": lm.name, "base_sha256": lm.sha256, "behavior_dir": str(behavior_dir),
-        "diffs": p.diffs.model_dump(exclude={"check"}),
+        "diffs": p.diffs.model_dump(exclude={"check", "budget_s"}),  # a budget changes how many, not how
     }
 
 
@@ -128,27 +129,92 @@ def train_shard(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: s
 
 
 def finalize_run(out_dir: str | Path, n_shards: int, extra: dict | None = None) -> dict:
-    """Join the shards' rows into manifest.parquet and write summary.json."""
-    manifest = DiffStore(out_dir).write_manifest(n_shards)
-    summary = summarize(manifest) | (extra or {})
+    """Join the finished shards' rows into manifest.parquet and write summary.json.
+
+    Shards a budget or an out-of-memory stop left untrained are left out (the summary says how many);
+    a later run with a larger budget trains them and rewrites the manifest.
+    """
+    extra = extra or {}
+    manifest = DiffStore(out_dir).write_manifest(n_shards, allow_missing=bool(extra.get("stopped")))
+    summary = summarize(manifest) | extra
+    if extra.get("stopped"):
+        log.warning("diff generation stopped early (%s): %d diffs in the manifest; rerun to train the rest",
+                    extra["stopped"], manifest.height)
     write_json_atomic(Path(out_dir) / "summary.json", summary)
     return summary
 
 
-def run_stats(statuses: list[str], seconds: float, diffs_per_batch: int) -> dict:
-    """Shards trained/skipped and the time per trained diff, for summary.json."""
-    trained = statuses.count("trained")
-    return {"shards_trained": trained, "shards_skipped": len(statuses) - trained, "seconds": round(seconds, 1),
+def run_stats(statuses: list[str], seconds: float, diffs_per_batch: int, stopped: str | None = None) -> dict:
+    """Shards trained/skipped/not run and the time per trained diff, for summary.json."""
+    trained, skipped = statuses.count("trained"), statuses.count("skipped")
+    return {"shards_trained": trained, "shards_skipped": skipped, "shards_not_run": len(statuses) - trained - skipped,
+            "stopped": stopped, "seconds": round(seconds, 1),
             "seconds_per_diff": round(seconds / (trained * diffs_per_batch), 2) if trained else None}
 
 
+class ShardBudget:
+    """A wall-clock budget for diff generation: the next shard starts only while the longest shard
+    trained so far still fits in what is left (None: no budget). The first shard to train always
+    starts: nothing tells its cost before it has run."""
+
+    def __init__(self, seconds: float | None, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self.t0, self.longest = clock(), 0.0
+
+    def allows_next(self) -> bool:
+        return self.seconds is None or not self.longest or self.clock() - self.t0 + self.longest <= self.seconds
+
+    def spent(self, seconds: float) -> None:
+        self.longest = max(self.longest, seconds)
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def run_shards(n_shards: int, train: Callable[[int], str], budget_s: float | None = None,
+               clock: Callable[[], float] = time.monotonic) -> tuple[list[str], str | None]:
+    """Train shards 0..n-1 in turn with `train(index)`; returns (statuses, why it stopped early or None).
+
+    A shard that runs out of device memory ends generation without losing the finished shards; the
+    reason names the fix. Statuses: trained, skipped (already complete), not_run.
+    """
+    budget = ShardBudget(budget_s, clock)
+    statuses: list[str] = []
+    stopped = None
+    for i in range(n_shards):
+        if stopped is None and not budget.allows_next():
+            stopped = (f"diffs.budget_s={budget_s:g} s spent after {statuses.count('trained')} trained shards "
+                       "(the next shard would not fit)")
+        if stopped is not None:
+            statuses.append("not_run")
+            continue
+        t0 = clock()
+        try:
+            status = train(i)
+        except Exception as e:
+            if not _is_out_of_memory(e):
+                raise
+            stopped = (f"out of memory in shard {i}: lower diffs.diffs_per_batch or diffs.max_batch_tokens "
+                       f"({type(e).__name__}: {str(e)[:200]})")
+            log.error(stopped)
+            statuses.append("not_run")
+            continue
+        if status == "trained":
+            budget.spent(clock() - t0)
+        statuses.append(status)
+    return statuses, stopped
+
+
 def generate_diffs(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: str | Path) -> dict:
-    """Train every diff of `behavior_dir` into the store at `out_dir`, one shard after another."""
+    """Train every diff of `behavior_dir` into the store at `out_dir` within `diffs.budget_s`."""
     n = prepare_run(p, lm, behavior_dir, out_dir)
     dm = DiffModel(lm.model, p.diffs.modules)  # wrapped once, reused for every shard
     t0 = time.time()
-    status = [train_shard(p, lm, behavior_dir, out_dir, i, dm) for i in range(n)]
-    return finalize_run(out_dir, n, run_stats(status, time.time() - t0, p.diffs.diffs_per_batch))
+    status, stopped = run_shards(n, lambda i: train_shard(p, lm, behavior_dir, out_dir, i, dm), p.diffs.budget_s)
+    return finalize_run(out_dir, n, run_stats(status, time.time() - t0, p.diffs.diffs_per_batch, stopped))
 
 
 def summarize(manifest: pl.DataFrame) -> dict:

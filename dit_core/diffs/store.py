@@ -156,12 +156,16 @@ class DiffStore:
         new = validate(new.select(DiffManifest.to_schema().columns.keys()), DiffManifest, "new rows")
         write_parquet_atomic(new, self.rows_path(index))
 
-    def write_manifest(self, n_shards: int) -> pl.DataFrame:
-        """Join the rows of shards 0..n_shards-1 into manifest.parquet (all must be complete)."""
+    def write_manifest(self, n_shards: int, allow_missing: bool = False) -> pl.DataFrame:
+        """Join the rows of shards 0..n_shards-1 into manifest.parquet (all must be complete unless
+        `allow_missing`, when the finished ones are joined)."""
         missing = [i for i in range(n_shards) if not self.rows_path(i).exists()]
-        if missing:
+        if missing and not allow_missing:
             raise RuntimeError(f"{self.root}: shards {missing[:5]} are not complete; rerun generate-diffs")
-        df = pl.concat([read_validated(self.rows_path(i), DiffManifest) for i in range(n_shards)])
+        done = [i for i in range(n_shards) if i not in set(missing)]
+        if not done:
+            raise RuntimeError(f"{self.root}: no shard finished; raise diffs.budget_s or lower diffs.diffs_per_batch")
+        df = pl.concat([read_validated(self.rows_path(i), DiffManifest) for i in done])
         df = validate(df, DiffManifest, str(self.manifest_path))
         write_parquet_atomic(df, self.manifest_path)
         return df

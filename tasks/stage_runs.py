@@ -1,0 +1,223 @@
+"""Each pipeline stage with its MLflow run: the bodies that Prefect tasks (tasks/stages.py) wrap and that
+the plain driver (`dit run --engine local`) calls directly. They take and return params dicts and paths.
+
+Nothing here imports Prefect, and MLflow is imported only when `tracking.enabled` is true, so a machine
+with only the library's dependencies runs the same stage code:
+
+    dit run --engine local --set tracking.enabled=false
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from dit_core.config import Params, params_from_dict
+
+log = logging.getLogger("dit_core.stages")
+
+# The pipeline's stages in DAG order: both engines walk this tuple (flows/pipeline.py, run_pipeline).
+PIPELINE = ("download", "make-data", "generate-diffs", "assemble", "train-interpreter", "evaluate")
+
+
+class Untracked:
+    """The run handle when tracking is off: logging does nothing."""
+
+    run = None
+    run_id = None
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path, folder: str | None = None) -> None:
+        pass
+
+
+@contextmanager
+def tracked(params: dict, stage: str, parent_run_id: str | None = None) -> Iterator:
+    """The stage's MLflow run (tasks.tracking.stage_run), or `Untracked` without importing MLflow."""
+    if not params["tracking"]["enabled"]:
+        yield Untracked()
+        return
+    from tasks.tracking import stage_run
+
+    with stage_run(params, stage, parent_run_id) as run:
+        yield run
+
+
+@contextmanager
+def tracked_pipeline(params: dict) -> Iterator[str | None]:
+    """The parent MLflow run of a whole pipeline (None when tracking is off)."""
+    if not params["tracking"]["enabled"]:
+        yield None
+        return
+    from tasks.tracking import pipeline_run
+
+    with pipeline_run(params) as parent:
+        yield parent
+
+
+def _params(params: dict) -> Params:
+    return params_from_dict(params, "flow parameters")
+
+
+def download(params: dict, parent_run_id: str | None = None) -> dict:
+    """Fetch the base model."""
+    from dit_core.stages import run_download
+
+    with tracked(params, "download", parent_run_id) as run:
+        out = run_download(_params(params))
+        run.log_metrics({"seconds": out["seconds"], "fetched": float(out["fetched"])})
+        return out
+
+
+def make_data(params: dict, parent_run_id: str | None = None) -> dict:
+    """Write the behaviour data for every diff."""
+    from dit_core.stages import run_make_data, stage_paths
+
+    with tracked(params, "make_data", parent_run_id) as run:
+        out = run_make_data(_params(params))
+        run.log_metrics(out)
+        run.log_artifact(stage_paths(_params(params)).behavior / "stats.json")
+        return out
+
+
+def prepare_diffs(params: dict) -> int:
+    """Check the diff store's identity; returns the number of shards."""
+    from dit_core.diffs import generate as gd
+    from dit_core.stages import stage_paths, wrapped_model
+
+    p = _params(params)
+    paths = stage_paths(p)
+    lm, _ = wrapped_model(str(paths.model), p.model.device, p.model.dtype, p.diffs.modules)
+    return gd.prepare_run(p, lm, paths.behavior, paths.diffs)
+
+
+def train_shard(params: dict, index: int) -> str:
+    """Train one shard of T diffs (skipped when already complete): the unit that maps onto a cluster."""
+    from dit_core.diffs import generate as gd
+    from dit_core.stages import stage_paths, wrapped_model
+
+    p = _params(params)
+    paths = stage_paths(p)
+    lm, dm = wrapped_model(str(paths.model), p.model.device, p.model.dtype, p.diffs.modules)
+    return gd.train_shard(p, lm, paths.behavior, paths.diffs, index, dm)
+
+
+def finalize_diffs(params: dict, n_shards: int, statuses: list[str], seconds: float,
+                   parent_run_id: str | None = None, stopped: str | None = None) -> dict:
+    """Join the finished shards' rows into the manifest and summarise the behaviour checks."""
+    from dit_core.diffs import generate as gd
+    from dit_core.stages import stage_paths
+
+    p = _params(params)
+    extra = gd.run_stats(statuses, seconds, p.diffs.diffs_per_batch, stopped)
+    with tracked(params, "generate_diffs", parent_run_id) as run:
+        summary = gd.finalize_run(stage_paths(p).diffs, n_shards, extra)
+        run.log_metrics(summary)
+        run.log_artifact(stage_paths(p).diffs / "manifest.parquet")
+        return summary
+
+
+def generate_diffs(params: dict, parent_run_id: str | None = None,
+                   train: Callable[[dict, int], str] = train_shard) -> dict:
+    """Every shard in turn within `diffs.budget_s`, then the manifest of the finished ones.
+
+    `train(params, index)` trains one shard: `train_shard` here, a Prefect task in flows/pipeline.py.
+    """
+    import time
+
+    from dit_core.diffs.generate import run_shards
+
+    n = prepare_diffs(params)
+    t0 = time.time()
+    statuses, stopped = run_shards(n, lambda i: train(params, i), params["diffs"]["budget_s"])
+    return finalize_diffs(params, n, statuses, time.time() - t0, parent_run_id, stopped)
+
+
+def assemble(params: dict, parent_run_id: str | None = None) -> dict:
+    """Split the diffs into train/val/test (dropping diffs that failed their behaviour check)."""
+    from dit_core.stages import run_assemble
+
+    with tracked(params, "assemble", parent_run_id) as run:
+        report = run_assemble(_params(params))
+        run.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})
+        return report
+
+
+def train_interpreter(params: dict, parent_run_id: str | None = None) -> dict:
+    """Train the interpreter, log its curves, register it in MLflow as a pyfunc model."""
+    from dit_core.stages import dataset_dir, interpreter_dir, run_train_interpreter, stage_paths
+
+    p = _params(params)
+    with tracked(params, "train_interpreter", parent_run_id) as run:
+        summary = run_train_interpreter(p, log_metrics=run.log_metrics)
+        out = interpreter_dir(p)
+        for f in ("interpreter.json", "train_log.csv", "summary.json"):
+            run.log_artifact(out / f)
+        run.log_artifact(f"{p.paths.reports}/training_curve.png")
+        if run.run:
+            from tasks.tracking import register_interpreter
+
+            summary["registered"] = register_interpreter(params, out, stage_paths(p).model, [stage_paths(p).diffs])
+        summary["dataset"] = str(dataset_dir(p))
+        return summary
+
+
+def evaluate(params: dict, parent_run_id: str | None = None) -> dict:
+    """Evaluate DIT and the baselines; log metrics; move `champion` if the new interpreter is better."""
+    import json
+
+    from dit_core.stages import interpreter_dir, run_evaluate
+
+    p = _params(params)
+    with tracked(params, "evaluate", parent_run_id) as run:
+        result = run_evaluate(p)
+        metrics = result["metrics"]
+        for method, m in metrics.items():
+            run.log_metrics({f"{method}.{k}": v for k, v in m.items() if isinstance(v, (int, float))})
+        for f in ("metrics.json", "table.md", "predictions.parquet", "scores.png"):
+            run.log_artifact(f"{p.paths.reports}/{f}")
+        out = {"table": result["table"], "dit": metrics.get("dit", {})}
+        registry = interpreter_dir(p) / "registry.json"
+        if run.run and registry.exists() and "dit" in metrics:
+            from tasks.tracking import gate_champion
+
+            out["champion"] = gate_champion(params, p, json.loads(registry.read_text()), metrics["dit"]["top1"])
+        return out
+
+
+def scaling(params: dict, sizes: str | None = None, parent_run_id: str | None = None) -> dict:
+    """The data-scaling curve: one interpreter per training-set size; metrics logged with step = n_train."""
+    from dit_core.stages import run_scaling
+
+    with tracked(params, "scaling", parent_run_id) as run:
+        def on_point(pt: dict) -> None:
+            run.log_metrics({f"dit.{k}": pt[k] for k in ("top1", "top5", "mrr", "exact", "contains")
+                             if isinstance(pt.get(k), (int, float))}, step=pt["n_train"])
+
+        out = run_scaling(_params(params), sizes, on_point=on_point)
+        for f in ("scaling.json", "scaling.md", "scaling.png"):
+            run.log_artifact(f"{out['dir']}/{f}")
+        return out
+
+
+STAGES: dict[str, Callable[..., dict]] = {
+    "download": download, "make-data": make_data, "generate-diffs": generate_diffs, "assemble": assemble,
+    "train-interpreter": train_interpreter, "evaluate": evaluate,
+}
+
+
+def run_pipeline(params: dict, stages: dict[str, Callable[..., dict]] = STAGES) -> dict:
+    """The whole DAG, stage after stage, under one parent MLflow run; each stage resumes earlier work."""
+    with tracked_pipeline(params) as parent:
+        return {name: stages[name](params, parent) for name in PIPELINE}
+
+
+def run_stage(params: dict, name: str) -> dict:
+    """One stage by its command-line name (`scaling` takes its sizes from params.yaml)."""
+    if name == "scaling":
+        return scaling(params, params["scaling"]["sizes"])
+    return STAGES[name](params)
+
