@@ -10,6 +10,7 @@ the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -412,3 +413,46 @@ def dvc_set_args(base: Params, resolved: Params) -> list[str]:
     """`-S key=value` lines (quoted for xargs) for every key where `resolved` differs from `base`."""
     a, b = flatten(base.model_dump(exclude={"run"})), flatten(resolved.model_dump(exclude={"run"}))
     return [f'-S "{k}={_hydra_value(b[k])}"' for k in b if a.get(k) != b[k]]
+
+
+def _type_name(annotation) -> str:
+    text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return text.replace("NoneType", "null").replace("Literal[", "one of [").replace("'", "")
+
+
+_RULES = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("min_length", "length >="))
+
+
+def schema_markdown(params_file: str | Path = "params.yaml") -> str:
+    """docs/configuration.md: every section and key of the schema with its type, rule and meaning, and
+    the value params.yaml gives it (`dit params --doc` prints it; a test keeps the file in step)."""
+    values = flatten(load_params(params_file).model_dump(exclude={"run"}))
+    lines = ["# Configuration", "",
+             "Generated from `dit_core/config.py` by `dit params --doc > docs/configuration.md`; do not edit.",
+             "", "`params.yaml` sets every key below (it is the only source of defaults). Profiles in",
+             "`profiles/` are partial trees laid over it (`--profile NAME`, repeatable), and `--set key=value`",
+             "overrides win over both. `dit params --profile NAME` prints the resolved result.", ""]
+
+    def section(model: type[BaseModel], prefix: str) -> None:
+        lines.extend([f"## `{prefix.rstrip('.')}`", "", (model.__doc__ or "").strip(), "",
+                      "| key | type | rule | params.yaml | meaning |", "|---|---|---|---|---|"])
+        nested = []
+        for name, field in model.model_fields.items():
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, _Section):
+                nested.append((sub, f"{prefix}{name}."))
+                continue
+            rules = ", ".join(f"{sym} {getattr(m, attr)}" for m in field.metadata for attr, sym in _RULES
+                              if getattr(m, attr, None) is not None)
+            value = values.get(prefix + name)
+            desc = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{name}` | {_type_name(sub).replace('|', 'or')} | {rules} | "
+                         f"`{json.dumps(value)}` | {desc} |")
+        lines.append("")
+        for sub, p in nested:
+            section(sub, p)
+
+    for name, field in Params.model_fields.items():
+        if name != "run":
+            section(field.annotation, f"{name}.")
+    return "\n".join(lines).rstrip() + "\n"

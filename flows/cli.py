@@ -285,6 +285,7 @@ def params_cmd(
     set_: Optional[list[str]] = SetOpt,
     dvc_args: bool = typer.Option(False, "--dvc-args",
                                   help="print what the profiles and --set change as `dvc exp run -S` arguments"),
+    doc: bool = typer.Option(False, "--doc", help="print the configuration reference (docs/configuration.md)"),
 ) -> None:
     """Print the resolved params (params file + profiles + --set), or their changes as DVC arguments.
 
@@ -294,6 +295,11 @@ def params_cmd(
     """
     from dit_core.config import dvc_set_args, load_params, params_from_dict, resolved_yaml
 
+    if doc:
+        from dit_core.config import schema_markdown
+
+        typer.echo(schema_markdown(params_file), nl=False)
+        return
     resolved = params_from_dict(_load(params_file, set_, profile))
     if dvc_args:
         for arg in dvc_set_args(load_params(params_file), resolved):

@@ -101,4 +101,5 @@ def pipeline_overrides(model_dir, root) -> list[str]:
         "interpreter.rank=4", "interpreter.alpha=4", "interpreter.epochs=2", "interpreter.batch_size=4",
         "interpreter.n_samples=1", "interpreter.max_new_tokens=4",
         "eval.n_questions=2", "eval.max_new_tokens=4", "eval.answer_tokens=4", "eval.n_boot=200",
+        "scaling.sizes=2,all",
     ]

@@ -142,3 +142,13 @@ def test_dvc_set_args_rebuild_the_profile_through_dvcs_own_override_parser(tmp_p
     copy.write_text(PARAMS.read_text())
     apply_overrides(copy, overrides)
     assert load_params(copy).model_dump(exclude={"run"}) == wanted.model_dump(exclude={"run"})
+
+
+def test_configuration_reference_is_generated_from_the_schema():
+    """docs/configuration.md is `dit params --doc`: regenerate it when the schema or params.yaml change."""
+    from dit_core.config import schema_markdown
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    assert doc == schema_markdown(PARAMS), "docs/configuration.md is stale: dit params --doc > docs/configuration.md"
+    for key in flatten(yaml.safe_load(PARAMS.read_text())):
+        assert f"| `{key.rsplit('.', 1)[1]}` |" in doc, key

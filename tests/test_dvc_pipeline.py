@@ -41,7 +41,9 @@ def test_dvc_repro_runs_skips_and_reruns(tiny_model_dir, tmp_path, prefect_serve
     _run(["dvc", "init", "-q"], repo, env)
 
     first = _run(["dvc", "repro"], repo, env)
-    assert _ran(first) == ["download", "make_data", "generate_diffs", "assemble", "train_interpreter", "evaluate"]
+    assert _ran(first) == ["download", "make_data", "generate_diffs", "assemble", "train_interpreter", "evaluate",
+                           "scaling"]
+    assert (repo / "reports" / "scaling" / "scaling.json").exists()
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert "dit" in metrics and "top1" in metrics["dit"]
     assert (repo / "dvc.lock").exists()
@@ -53,4 +55,4 @@ def test_dvc_repro_runs_skips_and_reruns(tiny_model_dir, tmp_path, prefect_serve
     p["interpreter"]["lr"] = 0.002
     (repo / "params.yaml").write_text(yaml.safe_dump(p))
     third = _run(["dvc", "repro"], repo, env)
-    assert _ran(third) == ["train_interpreter", "evaluate"]
+    assert _ran(third) == ["train_interpreter", "evaluate", "scaling"]
