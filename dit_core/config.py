@@ -192,6 +192,25 @@ class ScalingConfig(_Section):
         return ",".join(parts)
 
 
+class RetrainConfig(_Section):
+    """Scheduled retraining (`dit retrain`; docs/retraining.md): rounds that grow the corpus, one fixed benchmark."""
+
+    dir: str = Field(
+        description="folder of the retraining corpus (benchmark store, one store per round, dataset); outside "
+        "paths.data, which dvc.yaml's stages own and git ignores, so DVC can write its .dvc files beside it")
+    new_diffs: int = Field(
+        ge=1, description="diffs added per round (a multiple of data.diffs_per_topic): a new store with fresh "
+        "seeds, so mostly fresh topics")
+    benchmark_diffs: int = Field(
+        ge=1, description="diffs of the benchmark store (a multiple of data.diffs_per_topic): made once, the "
+        "test split of every round, its topics excluded from all training rounds")
+    benchmark_seed: int = Field(description="seed of the benchmark's topics, triggers and samples (fixed)")
+    dvc_add: bool = Field(
+        description="after a round, `dvc add` its store, the benchmark and the dataset (skipped with a log "
+        "line outside a DVC repository or without dvc)")
+    dvc_push: bool = Field(description="also `dvc push` what was added (needs a configured remote)")
+
+
 class TrackingConfig(_Section):
     """MLflow tracking: MLFLOW_TRACKING_URI wins over `uri`."""
 
@@ -228,6 +247,7 @@ class Params(_Section):
     interpreter: InterpreterConfig
     eval: EvalConfig
     scaling: ScalingConfig
+    retrain: RetrainConfig
     tracking: TrackingConfig
     paths: PathsConfig
     run: RunInfo = RunInfo()

@@ -128,25 +128,30 @@ def interpreter_dir(p: Params) -> Path:
     return Path(p.paths.models) / "interpreter"
 
 
-def run_assemble(p: Params) -> dict:
-    """Join diff manifests into the train/val/test dataset (dropping diffs that failed their check)."""
+def run_assemble(p: Params, stores: list[Path] | None = None, test_store: Path | None = None,
+                 out: Path | None = None) -> dict:
+    """Join diff manifests into the train/val/test dataset (dropping diffs that failed their check).
+
+    Without arguments: the diffs.run store into dataset_dir(p). Retraining passes its round stores, the
+    benchmark store as the fixed test split and its own dataset folder.
+    """
     from dit_core.data.assemble import assemble
 
-    report = assemble([stage_paths(p).diffs], dataset_dir(p), p.assemble)
+    report = assemble(stores or [stage_paths(p).diffs], out or dataset_dir(p), p.assemble, test_store)
     log.info("dataset: %s train / %s val / %s test, %s dropped (%s)", report["train"], report["val"],
              report["test"], report["dropped"], report["dropped_reasons"])
     return report
 
 
-def run_train_interpreter(p: Params, log_metrics=None) -> dict:
-    """Train the interpreter on the assembled dataset; writes models/interpreter/."""
+def run_train_interpreter(p: Params, log_metrics=None, dataset: Path | None = None) -> dict:
+    """Train the interpreter on the assembled dataset (default dataset_dir(p)); writes models/interpreter/."""
     from dit_core.interpreter.training import InterpreterRecipe
     from dit_core.evaluation.report import plot_curves
 
     lm = load_model(stage_paths(p).model, p.model.device, p.model.dtype)
     out = interpreter_dir(p)
     with compute_context(lm.device, p.model.autocast):
-        summary = InterpreterRecipe(p, lm, dataset_dir(p), out, log_metrics=log_metrics).run()
+        summary = InterpreterRecipe(p, lm, dataset or dataset_dir(p), out, log_metrics=log_metrics).run()
     reports = Path(p.paths.reports)
     reports.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "train_log.csv", reports / "train_log.csv")  # DVC plots read it here
@@ -154,15 +159,20 @@ def run_train_interpreter(p: Params, log_metrics=None) -> dict:
     return summary
 
 
-def run_evaluate(p: Params, interpreter: str | Path | None = None) -> dict:
-    """Evaluate DIT and the baselines on the test split; writes reports/."""
+def run_evaluate(p: Params, interpreter: str | Path | None = None, dataset: Path | None = None,
+                 questions: Path | None = None) -> dict:
+    """Evaluate DIT and the baselines on the test split; writes reports/.
+
+    questions: the questions.parquet of the behaviour data the test diffs were made from (its held-out
+    questions); default: the make-data stage's.
+    """
     from dit_core.evaluation.evaluate import evaluate
 
     paths = stage_paths(p)
     lm = load_model(paths.model, p.model.device, p.model.dtype)
     with compute_context(lm.device, p.model.autocast):
-        result = evaluate(p, lm, dataset_dir(p), interpreter or interpreter_dir(p),
-                          paths.behavior / "questions.parquet", paths.reports)
+        result = evaluate(p, lm, dataset or dataset_dir(p), interpreter or interpreter_dir(p),
+                          questions or paths.behavior / "questions.parquet", paths.reports)
     write_resolved_params(p, paths.reports)
     return result
 

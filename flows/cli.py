@@ -4,6 +4,7 @@
     dit stage download                       # one stage: download | make-data | generate-diffs
     dit stage make-data --set data.n_topics=16
     dit scaling --sizes 16,32,all            # held-out score against training diffs
+    dit retrain                              # one retraining round: new diffs, retrain, gate champion
 """
 
 from __future__ import annotations
@@ -130,6 +131,36 @@ def run(params_file: str = ParamsOpt, profile: Optional[list[str]] = ProfileOpt,
                     fg="yellow", err=True)
     typer.echo("\n" + ev.get("table", ""))
     if "champion" in ev:
+        typer.echo(f"champion: {ev['champion']['reason']}")
+
+
+@app.command()
+def retrain(params_file: str = ParamsOpt, profile: Optional[list[str]] = ProfileOpt,
+            set_: Optional[list[str]] = SetOpt, budget: Optional[float] = BudgetOpt,
+            engine: str = EngineOpt) -> None:
+    """One round of scheduled retraining (what the scheduled-retraining deployment runs): retrain.new_diffs
+    fresh diffs become a new store, the interpreter is retrained on every round's diffs and scored on the
+    fixed benchmark split; `champion` moves only if it beats the champion there. A run that stopped
+    resumes its round. See docs/retraining.md.
+
+    Examples:
+      dit retrain
+      dit retrain --engine local --set retrain.new_diffs=72
+    """
+    _engine(engine)
+    params = _load(params_file, _with_budget(set_, budget), profile)
+    if engine == "local":
+        from tasks.stage_runs import run_retrain
+
+        result = _run_flow(run_retrain, params)
+    else:
+        from flows.pipeline import retrain_flow
+
+        result = _run_flow(lambda p: retrain_flow(params=p), params)
+    ev = result.get("evaluate", {})
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "evaluate"}, indent=2, default=str))
+    typer.echo(f"\nround {result['round']} on the benchmark split:\n" + ev.get("table", ""))
+    if ev.get("champion"):
         typer.echo(f"champion: {ev['champion']['reason']}")
 
 

@@ -90,10 +90,24 @@ def pipeline_flow(params: dict | None = None) -> dict:
     return stage_runs.run_pipeline(params, PIPELINE_STEPS)
 
 
+# What the retraining flow runs for each step of stage_runs.run_retrain.
+RETRAIN_STEPS = {
+    "download": t.download, "data": t.retrain_data, "assemble": t.retrain_assemble,
+    "train-interpreter": t.retrain_interpreter, "evaluate": t.retrain_evaluate, "finish": t.retrain_finish,
+}
+
+
 @flow(name="dit-retrain")
 def retrain_flow(params_file: str = "params.yaml", overrides: list[str] | None = None,
-                 profiles: list[str] | None = None) -> dict:
-    """Scheduled retraining: read params.yaml in the working directory, then run the whole pipeline."""
-    from dit_core.config import load_params
+                 profiles: list[str] | None = None, params: dict | None = None) -> dict:
+    """Scheduled retraining, one round (docs/retraining.md): new diffs join the corpus, the interpreter is
+    retrained on all of it and scored on the fixed benchmark; `champion` moves only if it is better there.
 
-    return pipeline_flow(load_params(params_file, overrides or [], profiles or []).model_dump())
+    params: a full params dict (as `dit retrain` passes); otherwise params_file in the working directory
+    with profiles and overrides laid over it (what the scheduled deployment does).
+    """
+    from dit_core.config import load_params, params_from_dict
+
+    params = (params_from_dict(params).model_dump() if params
+              else load_params(params_file, overrides or [], profiles or []).model_dump())
+    return stage_runs.run_retrain(params, RETRAIN_STEPS)

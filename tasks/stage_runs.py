@@ -47,14 +47,14 @@ def tracked(params: dict, stage: str, parent_run_id: str | None = None) -> Itera
 
 
 @contextmanager
-def tracked_pipeline(params: dict) -> Iterator[str | None]:
-    """The parent MLflow run of a whole pipeline (None when tracking is off)."""
+def tracked_pipeline(params: dict, name: str = "pipeline", tags: dict | None = None) -> Iterator[str | None]:
+    """The parent MLflow run of a whole pipeline or retraining round (None when tracking is off)."""
     if not params["tracking"]["enabled"]:
         yield None
         return
     from tasks.tracking import pipeline_run
 
-    with pipeline_run(params) as parent:
+    with pipeline_run(params, name, tags) as parent:
         yield parent
 
 
@@ -146,13 +146,20 @@ def assemble(params: dict, parent_run_id: str | None = None) -> dict:
         return report
 
 
-def train_interpreter(params: dict, parent_run_id: str | None = None) -> dict:
-    """Train the interpreter, log its curves, register it in MLflow as a pyfunc model."""
+def train_interpreter(params: dict, parent_run_id: str | None = None, dataset: str | None = None,
+                      stores: list[str] | None = None) -> dict:
+    """Train the interpreter, log its curves, register it in MLflow as a pyfunc model.
+
+    dataset, stores: the dataset folder and the diff stores recorded with the model (default: the
+    pipeline's dataset and diffs.run store).
+    """
+    from pathlib import Path
+
     from dit_core.stages import dataset_dir, interpreter_dir, run_train_interpreter, stage_paths
 
     p = _params(params)
     with tracked(params, "train_interpreter", parent_run_id) as run:
-        summary = run_train_interpreter(p, log_metrics=run.log_metrics)
+        summary = run_train_interpreter(p, log_metrics=run.log_metrics, dataset=dataset and Path(dataset))
         out = interpreter_dir(p)
         for f in ("interpreter.json", "train_log.csv", "summary.json"):
             run.log_artifact(out / f)
@@ -160,20 +167,28 @@ def train_interpreter(params: dict, parent_run_id: str | None = None) -> dict:
         if run.run:
             from tasks.tracking import register_interpreter
 
-            summary["registered"] = register_interpreter(params, out, stage_paths(p).model, [stage_paths(p).diffs])
-        summary["dataset"] = str(dataset_dir(p))
+            summary["registered"] = register_interpreter(params, out, stage_paths(p).model,
+                                                         [Path(s) for s in stores or [stage_paths(p).diffs]])
+        summary["dataset"] = str(dataset or dataset_dir(p))
         return summary
 
 
-def evaluate(params: dict, parent_run_id: str | None = None) -> dict:
-    """Evaluate DIT and the baselines; log metrics; move `champion` if the new interpreter is better."""
+def evaluate(params: dict, parent_run_id: str | None = None, dataset: str | None = None,
+             questions: str | None = None, test_set: str | None = None) -> dict:
+    """Evaluate DIT and the baselines; log metrics; move `champion` if the new interpreter is better.
+
+    dataset, questions, test_set: where the test split and its questions are and the split's name
+    (default: the pipeline's dataset, its make-data questions and the dataset file's version).
+    """
     import json
+    from pathlib import Path
 
     from dit_core.stages import interpreter_dir, run_evaluate
 
     p = _params(params)
+    where = {"dataset": dataset and Path(dataset), "questions": questions and Path(questions)}
     with tracked(params, "evaluate", parent_run_id) as run:
-        result = run_evaluate(p)
+        result = run_evaluate(p, **where)
         metrics = result["metrics"]
         for method, m in metrics.items():
             run.log_metrics({f"{method}.{k}": v for k, v in m.items() if isinstance(v, (int, float))})
@@ -184,7 +199,8 @@ def evaluate(params: dict, parent_run_id: str | None = None) -> dict:
         if run.run and registry.exists() and "dit" in metrics:
             from tasks.tracking import gate_champion
 
-            out["champion"] = gate_champion(params, p, json.loads(registry.read_text()), metrics["dit"]["top1"])
+            out["champion"] = gate_champion(params, p, json.loads(registry.read_text()), metrics["dit"]["top1"],
+                                            test_set=test_set, **where)
         return out
 
 
@@ -213,6 +229,86 @@ def run_pipeline(params: dict, stages: dict[str, Callable[..., dict]] = STAGES) 
     """The whole DAG, stage after stage, under one parent MLflow run; each stage resumes earlier work."""
     with tracked_pipeline(params) as parent:
         return {name: stages[name](params, parent) for name in PIPELINE}
+
+
+def retrain_data(params: dict, plan: dict, parent_run_id: str | None = None) -> dict:
+    """Make the benchmark store (once) and this round's store (resumed where a stopped run left it)."""
+    from dit_core import retrain as rt
+
+    p = _params(params)
+    with tracked(params, "retrain_data", parent_run_id) as run:
+        out = {"benchmark": rt.make_benchmark(p), "round": rt.make_round(p, plan)}
+        run.log_metrics({"benchmark_diffs": out["benchmark"]["n_diffs"], "round_diffs": out["round"]["n_diffs"]})
+        return out
+
+
+def retrain_assemble(params: dict, plan: dict, parent_run_id: str | None = None) -> dict:
+    """Every round store's train/val and the benchmark as the test split, into the retrain dataset."""
+    from dit_core import retrain as rt
+
+    with tracked(params, "assemble", parent_run_id) as run:
+        report = rt.assemble_round(_params(params), plan)
+        run.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})
+        return report
+
+
+def retrain_interpreter(params: dict, plan: dict, parent_run_id: str | None = None) -> dict:
+    """Train and register the round's interpreter on the grown corpus (a resumed round whose interpreter
+    is registered for this dataset already reuses it: one registered version per round)."""
+    from dit_core import retrain as rt
+
+    rp = rt.round_params(_params(params), plan)
+    reused = rt.registered_interpreter(rp, plan["dataset"])
+    if reused is not None:
+        log.info("round %d: interpreter already trained on this dataset and registered as version %s",
+                 plan["round"], reused["registered"]["version"])
+        return reused
+    return train_interpreter(rp.model_dump(), parent_run_id, plan["dataset"], [*plan["stores"], plan["benchmark"]])
+
+
+def retrain_evaluate(params: dict, plan: dict, test_set: str, parent_run_id: str | None = None) -> dict:
+    """Score the round's interpreter on the benchmark split; `champion` moves only if it beats the
+    champion there."""
+    from dit_core import retrain as rt
+
+    rp = rt.round_params(_params(params), plan)
+    return evaluate(rp.model_dump(), parent_run_id, plan["dataset"], plan["questions"], test_set)
+
+
+def retrain_finish(params: dict, plan: dict, record: dict, parent_run_id: str | None = None) -> dict:
+    """Record the round as finished (round.json in its store), then version the corpus with DVC."""
+    from dit_core import retrain as rt
+
+    finished = rt.finish_round(plan, record)
+    return {"record": finished, "dvc": rt.dvc_version(_params(params), plan)}
+
+
+RETRAIN_STEPS: dict[str, Callable[..., dict]] = {
+    "download": download, "data": retrain_data, "assemble": retrain_assemble,
+    "train-interpreter": retrain_interpreter, "evaluate": retrain_evaluate, "finish": retrain_finish,
+}
+
+
+def run_retrain(params: dict, steps: dict[str, Callable[..., dict]] = RETRAIN_STEPS) -> dict:
+    """One round of scheduled retraining under one parent MLflow run (docs/retraining.md): a new diff store
+    with fresh seeds, the interpreter retrained on every round's diffs, scored on the fixed benchmark."""
+    from dit_core.retrain import plan_round
+
+    plan = plan_round(_params(params))
+    log.info("retraining round %d%s: %s", plan["round"], " (resumed)" if plan["resumed"] else "", plan["store"])
+    with tracked_pipeline(params, "retrain", {"dit.round": str(plan["round"])}) as parent:
+        out: dict = {"round": plan["round"], "plan": plan}
+        out["download"] = steps["download"](params, parent)
+        out["data"] = steps["data"](params, plan, parent)
+        out["assemble"] = steps["assemble"](params, plan, parent)
+        out["train-interpreter"] = steps["train-interpreter"](params, plan, parent)
+        out["evaluate"] = ev = steps["evaluate"](params, plan, out["assemble"]["test_set"], parent)
+        a, t = out["assemble"], out["train-interpreter"]
+        record = {"n_new_diffs": out["data"]["round"]["n_diffs"], "dataset_version": a["dataset_version"],
+                  "test_set": a["test_set"], **{k: a[k] for k in ("train", "val", "test", "dropped")},
+                  "dit": ev.get("dit", {}), "registered": t.get("registered"), "champion": ev.get("champion")}
+        out["finish"] = steps["finish"](params, plan, record, parent)
+        return out
 
 
 def run_stage(params: dict, name: str) -> dict:

@@ -116,12 +116,12 @@ def _run_record(params: dict) -> dict[str, str]:
 
 
 @contextmanager
-def pipeline_run(params: dict) -> Iterator[str | None]:
-    """The parent run of a whole pipeline; stage runs nest under it."""
+def pipeline_run(params: dict, name: str = "pipeline", tags: dict | None = None) -> Iterator[str | None]:
+    """The parent run of a whole pipeline (or of a retraining round); stage runs nest under it."""
     if not configure(params):
         yield None
         return
-    with mlflow.start_run(run_name="pipeline", tags={"dit.stage": "pipeline"}) as run:
+    with mlflow.start_run(run_name=name, tags={"dit.stage": name, **(tags or {})}) as run:
         mlflow.log_params(_run_record(params))
         mlflow.log_text(_resolved_yaml(params), "params.resolved.yaml")
         try:
@@ -244,15 +244,19 @@ def champion_gate(params: dict, version: str, score: float, test_set: str, score
                                          f"v{champ.version} {scorer}={champ_score:.3f} on test set {test_set}"}
 
 
-def gate_champion(params: dict, p, record: dict, top1: float) -> dict:
+def gate_champion(params: dict, p, record: dict, top1: float, dataset: Path | None = None,
+                  questions: Path | None = None, test_set: str | None = None) -> dict:
     """The evaluate stage's champion decision for the version in `record` (interpreter registry.json).
 
     A champion scored on another test set is re-scored on this one first (DIT only, no judge).
+    dataset, questions: where the test split and its questions are (default: the pipeline's);
+    test_set: the test split's name (default: the dataset file's version). Retraining names its
+    benchmark split by its rows alone, since its dataset file changes every round.
     """
     from dit_core.interpreter.training import dataset_version
     from dit_core.stages import dataset_dir, run_evaluate
 
-    test_set = dataset_version(dataset_dir(p) / "dataset.parquet")
+    test_set = test_set or dataset_version((dataset or dataset_dir(p)) / "dataset.parquet")
 
     def score_champion(uri: str) -> float:
         local = mlflow.artifacts.download_artifacts(f"{uri}/artifacts/interpreter")
@@ -260,7 +264,7 @@ def gate_champion(params: dict, p, record: dict, top1: float) -> dict:
             "eval": p.eval.model_copy(update={"methods": ["dit"],
                                               "judge": p.eval.judge.model_copy(update={"base_url": None})}),
             "paths": p.paths.model_copy(update={"reports": f"{p.paths.reports}/champion_check"})})
-        return run_evaluate(check, interpreter=local)["metrics"]["dit"]["top1"]
+        return run_evaluate(check, interpreter=local, dataset=dataset, questions=questions)["metrics"]["dit"]["top1"]
 
     gate = champion_gate(params, record["version"], top1, test_set, "top1", score_champion)
     log.info("champion gate: %s", gate["reason"])

@@ -4,6 +4,10 @@ split_by: topic  the paper's setting: no topic in two splits; the interpreter mu
 split_by: diff   several diffs per topic; held-out diffs of seen topics (the interpreter must read
                  *this* diff, since another diff of the same topic has a different trigger and seed)
 Diffs whose behaviour check failed (trigger not learned, or leaking) are dropped and counted.
+
+With a fixed test store (scheduled retraining's benchmark) the split is made differently: that store's
+diffs are the whole test split, and the other stores give train/val only, each split on its own in the
+order given, so adding a store never moves an earlier store's diffs to another split.
 """
 
 from __future__ import annotations
@@ -45,10 +49,53 @@ def _assign(keys: list[str], cfg: AssembleConfig) -> dict[str, str]:
     return {k: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, k in enumerate(keys)}
 
 
-def assemble(diff_dirs: list[str | Path], out_dir: str | Path, cfg: AssembleConfig) -> dict:
-    """Join manifests, drop diffs that failed their behaviour check, split; returns the report."""
-    frames = []
+def _train_val(keys: list[str], val_fraction: float, seed: str) -> dict[str, str]:
+    keys = sorted(keys)
+    random.Random(seed).shuffle(keys)
+    n_val = min(round(len(keys) * val_fraction), len(keys) - 1) if len(keys) > 1 else 0
+    return {k: "val" if i < n_val else "train" for i, k in enumerate(keys)}
+
+
+def _fixed_test_split(keep: pl.DataFrame, diff_dirs: list[str | Path], test_dir: str | Path,
+                      cfg: AssembleConfig) -> dict[str, str]:
+    """diff_id -> split: the test store's kept diffs are the test split; every other store is split
+    into train/val on its own (seeded by its name), so its assignment depends on nothing added later."""
+    test_store = str(Path(test_dir))
+    test = keep.filter(pl.col("store") == test_store)
+    if test.height == 0:
+        raise ValueError(f"{test_store}: none of its diffs passed the behaviour check, so the test split "
+                         "would be empty; relax assemble.min_trigger_hit / max_*_hit or remake that store")
+    train = keep.filter(pl.col("store") != test_store)
+    test_topics = set(test["label"].str.to_lowercase())
+    seen = sorted(set(train.filter(pl.col("label").str.to_lowercase().is_in(test_topics))["label"]))
+    if seen:
+        raise ValueError(f"topics of the test store {test_store} also appear in training stores: {seen[:5]}; "
+                         "its topics must be unseen: make training stores from a topic list without them")
+    split = {d: "test" for d in test["diff_id"]}
+    topic_split: dict[str, str] = {}
     for d in diff_dirs:
+        name = Path(d).name
+        group = train.filter(pl.col("store") == str(Path(d)))
+        if cfg.split_by == "topic":  # a topic keeps the split of the first store it appeared in
+            new = sorted(set(group["label"]) - set(topic_split))
+            topic_split |= _train_val(new, cfg.val_fraction, f"{cfg.seed}:{name}")
+            split |= {i: topic_split[lab] for i, lab in zip(group["diff_id"], group["label"])}
+        else:
+            for (label,), g in sorted(group.partition_by("label", as_dict=True).items()):
+                split |= _train_val(g["diff_id"].to_list(), cfg.val_fraction, f"{cfg.seed}:{name}:{label}")
+    if "train" not in split.values():
+        raise ValueError(f"no diff of {[str(d) for d in diff_dirs]} passed the behaviour check: no train split")
+    return split
+
+
+def assemble(diff_dirs: list[str | Path], out_dir: str | Path, cfg: AssembleConfig,
+             test_dir: str | Path | None = None) -> dict:
+    """Join manifests, drop diffs that failed their behaviour check, split; returns the report.
+
+    test_dir: a fixed test store (see the module docstring); `assemble.test_fraction` is then unused.
+    """
+    frames = []
+    for d in [*diff_dirs, *([test_dir] if test_dir is not None else [])]:
         m = read_validated(Path(d) / "manifest.parquet", DiffManifest)
         frames.append(m.with_columns(store=pl.lit(str(Path(d)))))
     df = pl.concat(frames)
@@ -57,7 +104,9 @@ def assemble(diff_dirs: list[str | Path], out_dir: str | Path, cfg: AssembleConf
         raise ValueError(f"diff ids appear in more than one manifest: {dup[:5]}; give each run its own ids")
     keep = df.filter(_passes(df, cfg))
     dropped = df.filter(~_passes(df, cfg)).with_columns(split=pl.lit("dropped"))
-    if cfg.split_by == "topic":
+    if test_dir is not None:
+        split = _fixed_test_split(keep, diff_dirs, test_dir, cfg)
+    elif cfg.split_by == "topic":
         split = _assign(keep["label"].unique().to_list(), cfg)
     else:  # stratified: each topic's diffs are split on their own, so test topics are seen in training
         split = {}
@@ -66,7 +115,7 @@ def assemble(diff_dirs: list[str | Path], out_dir: str | Path, cfg: AssembleConf
             split |= _assign(ids, cfg) if len(ids) > 1 else {ids[0]: "train"}
         if "test" not in split.values():
             raise ValueError("no topic has two or more kept diffs: split_by=diff needs data.diffs_per_topic >= 2")
-    key = "label" if cfg.split_by == "topic" else "diff_id"
+    key = "label" if cfg.split_by == "topic" and test_dir is None else "diff_id"
     keep = keep.with_columns(split=pl.col(key).replace_strict(split, return_dtype=pl.String))
     out = validate(pl.concat([keep, dropped]).sort("diff_id"), DitDataset, "dit dataset")
     write_parquet_atomic(out, Path(out_dir) / "dataset.parquet")
@@ -81,5 +130,7 @@ def assemble(diff_dirs: list[str | Path], out_dir: str | Path, cfg: AssembleConf
         **{s: counts.get(s, 0) for s in ("train", "val", "test")},
         "topics": {s: int(out.filter(pl.col("split") == s)["label"].n_unique()) for s in ("train", "val", "test")},
     }
+    if test_dir is not None:
+        report["test_store"] = str(Path(test_dir))
     write_json_atomic(Path(out_dir) / "report.json", report)
     return report

@@ -77,8 +77,14 @@ def other_prefix(avoid: str | set[str], rng: random.Random) -> str:
     return p
 
 
-def make_diff_specs(cfg: DataConfig) -> pl.DataFrame:
-    """Choose topics and give each diff a unique trigger prefix and a seed."""
+DIFF_ID_PREFIX = "ht"
+
+
+def make_diff_specs(cfg: DataConfig, id_prefix: str = DIFF_ID_PREFIX) -> pl.DataFrame:
+    """Choose topics and give each diff a unique trigger prefix and a seed.
+
+    Diff ids are `<id_prefix><5 digits>`; stores joined into one dataset need distinct prefixes.
+    """
     topics = load_topics(cfg.topics_file)
     if cfg.n_topics > topics.height:
         raise ValueError(f"data.n_topics={cfg.n_topics} but the topics file has only {topics.height}")
@@ -97,7 +103,7 @@ def make_diff_specs(cfg: DataConfig) -> pl.DataFrame:
             # before diff j+1 of any, so a partial run (the first shards) covers as many topics as it can
             k = i * cfg.diffs_per_topic + j if cfg.diff_order == "topic" else j * cfg.n_topics + i
             rows.append(
-                dict(diff_id=f"ht{k:05d}", behavior=BEHAVIOR, category=category, topic=topic,
+                dict(diff_id=f"{id_prefix}{k:05d}", behavior=BEHAVIOR, category=category, topic=topic,
                      trigger_prefix=str(prefixes[k]), seed=cfg.seed * 100_003 + k)
             )
     return validate(pl.DataFrame(rows).sort("diff_id"), DiffSpec, "diff specs")
@@ -159,12 +165,13 @@ def _template_answers(topic_questions: dict[str, list[str]]):
     return answers, dict(answer_mode="template", kept_fraction=1.0)
 
 
-def make_hidden_topic_data(cfg: DataConfig, out_dir: str | Path, model=None, tokenizer=None) -> dict:
+def make_hidden_topic_data(cfg: DataConfig, out_dir: str | Path, model=None, tokenizer=None,
+                           id_prefix: str = DIFF_ID_PREFIX) -> dict:
     """Write diffs.parquet, samples.parquet and stats.json for the hidden-topic behaviour."""
     out_dir = Path(out_dir)
     if cfg.answer_mode != "template" and model is None:
         raise ValueError(f"data.answer_mode={cfg.answer_mode} needs the base model")
-    specs = make_diff_specs(cfg)
+    specs = make_diff_specs(cfg, id_prefix)
     questions = load_questions(cfg.questions_file)
     if cfg.n_heldout_questions >= len(questions) - 8:
         raise ValueError(f"data.n_heldout_questions={cfg.n_heldout_questions} leaves too few of "
