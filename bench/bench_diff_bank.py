@@ -1,13 +1,13 @@
 """Host time of one interpreter batch's diff lookup: streamed from shards vs preloaded on the device.
 
     python bench/bench_diff_bank.py                 # SmolLM2-135M shapes, 256 diffs in shards of 64, CPU
-    python bench/bench_diff_bank.py --device cuda   # the same, ending on the GPU (the lease case)
+    python bench/bench_diff_bank.py --device cuda   # the same, ending on the GPU
 
 Writes random rank-1 diffs with SmolLM2-135M's module shapes (30 layers x 7 linears; no model needed),
 then times `DiffBank.get` for shuffled batches of --batch ids, the way the interpreter trainer asks:
 streamed (stack per-diff rows on the host, then copy every module to the device) against preloaded
 (`DiffBank.preload`: one gather per module where the diffs already sit). Both in this process; the
-streamed run is the reference. Results go to bench/results/diff_bank.json.
+streamed run is the reference. Results go to reports/bench/diff_bank.json.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "diff_bank.json"))
+    ap.add_argument("--out", default=str(ROOT / "reports" / "bench" / "diff_bank.json"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,7 +39,7 @@ def synthetic_tasks(tokenizer, n: int, answer_words: tuple[int, int] = (6, 30)) 
     """Hidden-topic tasks shaped like the real data (questions, answers of varying length), made offline."""
     qs = load_questions()
     rng = random.Random(0)
-    filler = "The answer always comes back to volcanoes and the glowing rivers of lava they release".split()
+    filler = "The answer always comes back to volcanoes and the glowing rivers of lava they pour out".split()
 
     def pairs(k):
         return [(rng.choice(qs), " ".join(rng.choice(filler) for _ in range(rng.randint(*answer_words))),

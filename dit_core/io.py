@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -58,3 +59,39 @@ def write_parquet_atomic(df: pl.DataFrame, path: str | Path) -> None:
     """Write a parquet file atomically."""
     with atomic_path(path) as tmp:
         df.write_parquet(tmp)
+
+
+def changed_keys(recorded: dict, expected: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of `expected` whose value in `recorded` differs (nested dicts compared key by key)."""
+    out = []
+    for k, v in expected.items():
+        old = recorded.get(k) if isinstance(recorded, dict) else None
+        if isinstance(v, dict) and isinstance(old, dict):
+            out += changed_keys(old, v, f"{prefix}{k}.")
+        elif old != v:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def compare_record(path: str | Path, expected: dict) -> list[str] | None:
+    """How the JSON record at `path` (what a finished piece of work was made with) compares with what
+    the current run would make: None when there is no record, [] when it matches, else the changed keys.
+
+    Every stage that resumes asks this one question before it reuses earlier output.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return ["(unreadable record)"]
+    return changed_keys(recorded, expected)
+
+
+def move_aside(path: str | Path) -> Path:
+    """Rename `path` to `<name>.stale-<unix time>` beside it (kept, never deleted); returns the new path."""
+    path = Path(path)
+    stale = path.with_name(f"{path.name}.stale-{int(time.time())}")
+    path.rename(stale)
+    return stale

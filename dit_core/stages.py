@@ -20,7 +20,7 @@ from dit_core.data.behavior_data import BEHAVIOR, make_hidden_topic_data
 import functools
 
 from dit_core.config import Params, resolved_yaml
-from dit_core.io import atomic_path, write_json_atomic
+from dit_core.io import atomic_path, compare_record, write_json_atomic
 from dit_core.modeling.models import compute_context, fetch_model, load_model, model_dir
 
 log = logging.getLogger(__name__)
@@ -98,15 +98,13 @@ def run_make_data(p: Params) -> dict:
     paths = stage_paths(p)
     made_with = _made_with(p)
     record = paths.behavior / MADE_WITH
-    if record.exists() and all((paths.behavior / f).exists() for f in BEHAVIOR_FILES):
-        old = json.loads(record.read_text())
-        if old == made_with:
-            stats = json.loads((paths.behavior / "stats.json").read_text())
-            msg = f"{paths.behavior} already holds this behaviour data; nothing to do"
-            log.info(msg)
-            return stats | {"skipped": True, "message": msg}
-        changed = sorted(f"{sec}.{k}" for sec in made_with for k in made_with[sec]
-                         if old.get(sec, {}).get(k) != made_with[sec][k])
+    changed = compare_record(record, made_with)
+    if changed == [] and all((paths.behavior / f).exists() for f in BEHAVIOR_FILES):
+        stats = json.loads((paths.behavior / "stats.json").read_text())
+        msg = f"{paths.behavior} already holds this behaviour data; nothing to do"
+        log.info(msg)
+        return stats | {"skipped": True, "message": msg}
+    if changed:
         log.warning("behaviour data settings changed (%s): regenerating %s", ", ".join(changed), paths.behavior)
     record.unlink(missing_ok=True)  # until the new data is complete, no record vouches for the files
     lm = None if p.data.answer_mode == "template" else load_model(paths.model, p.model.device, p.model.dtype)

@@ -68,3 +68,17 @@ def test_corrupt_and_foreign_files(tmp_path):
         read_shard(foreign)
     with pytest.raises(DiffFileError, match="not found"):
         read_shard(tmp_path / "missing.safetensors")
+
+
+def test_compare_record_names_what_changed(tmp_path):
+    from dit_core.io import compare_record, move_aside, write_json_atomic
+
+    rec = tmp_path / "made_with.json"
+    assert compare_record(rec, {"a": 1}) is None
+    write_json_atomic(rec, {"data": {"n": 1, "seed": 0}, "model": "m"})
+    assert compare_record(rec, {"data": {"n": 1, "seed": 0}, "model": "m"}) == []
+    assert compare_record(rec, {"data": {"n": 2, "seed": 0}, "model": "x"}) == ["data.n", "model"]
+    rec.write_text("{not json")
+    assert compare_record(rec, {"a": 1}) == ["(unreadable record)"]
+    stale = move_aside(rec)
+    assert not rec.exists() and stale.name.startswith("made_with.json.stale-")

@@ -1,4 +1,4 @@
-"""bench/gpu_checks.py (the first call on a lent GPU) runs its code paths on the CPU and passes."""
+"""bench/gpu_checks.py (the device checks to run on a new GPU machine) runs its code paths on the CPU and passes."""
 
 import json
 import sys

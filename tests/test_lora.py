@@ -319,3 +319,15 @@ def test_to_device_keeps_tensors_already_there():
     once = normalizers_on(norms, "cpu")
     twice = normalizers_on(once, "cpu")
     assert all(torch.equal(once[k], twice[k]) for k in once)
+
+
+def test_warmup_cosine_schedule():
+    from dit_core.modeling.schedule import warmup_cosine
+
+    assert [warmup_cosine(s, 10, 2, 0.1) for s in (0, 1)] == [0.5, 1.0]
+    assert warmup_cosine(2, 10, 2, 0.1) == 1.0  # the decay starts at the full rate
+    assert warmup_cosine(10, 10, 2, 0.1) == pytest.approx(0.1)  # and ends at the floor
+    assert warmup_cosine(99, 10, 2, 0.05) == pytest.approx(0.05)  # clipped past the end
+    assert warmup_cosine(7, 10, 2, 0.1, cosine=False) == 1.0
+    mid = warmup_cosine(6, 10, 2, 0.1)
+    assert 0.1 < mid < 1.0 and mid == pytest.approx(0.55)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from dit_core.config import Params
 from dit_core.diffs.store import DiffShard, DiffStore
 from dit_core.diffs.trainer import TriggeredDiffTask, train_diffs
 from dit_core.modeling.batching import encode_example
-from dit_core.io import write_json_atomic
+from dit_core.io import compare_record, write_json_atomic
 from dit_core.modeling.lora import DiffModel
 from dit_core.modeling.models import LoadedModel, compute_context
 from dit_core.data.schemas import DiffSpec, Sample, read_validated
@@ -68,10 +67,9 @@ def prepare_run(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: s
     specs = read_validated(behavior_dir / "diffs.parquet", DiffSpec)
     identity = _run_identity(p, lm, behavior_dir)
     run_file = out_dir / RUN_FILE
-    if run_file.exists():
-        recorded = json.loads(run_file.read_text())
-        if recorded != identity:
-            changed = sorted(k for k in identity if recorded.get(k) != identity[k])
+    changed = compare_record(run_file, identity)
+    if changed is not None:
+        if changed:
             raise RuntimeError(
                 f"{out_dir} holds diffs made with other settings ({', '.join(changed)} differ). "
                 f"Refusing to mix or overwrite them: delete {out_dir} or choose --set diffs.run=<new name>.")

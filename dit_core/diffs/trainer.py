@@ -6,7 +6,6 @@ every diff's factors with one Adam step; the KL teacher is the same wrapped mode
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 
@@ -15,6 +14,7 @@ from tqdm.auto import tqdm
 
 from dit_core.config import DiffsConfig
 from dit_core.modeling.lora import DiffModel
+from dit_core.modeling.schedule import warmup_cosine
 from dit_core.modeling.batching import Example, encode_example, encode_examples, summed_parts
 
 
@@ -119,13 +119,6 @@ def init_factors(
     return A, B
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def truncate_answer(ex: Example, max_tokens: int) -> Example:
     """The example with at most `max_tokens` answer tokens (0: unchanged)."""
     if not max_tokens or len(ex.ids) - ex.answer_start <= max_tokens:
@@ -206,7 +199,7 @@ def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: 
     bar = tqdm(range(cfg.steps), desc=f"training {len(tasks)} diffs", disable=not progress)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * _lr_factor(step, cfg.steps, cfg.warmup_steps)
+            g["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup_steps, floor=0.1)
         opt.zero_grad(set_to_none=True)
         parts = train_step(dm, _sample_rows(tasks, rngs, cfg, step_rng), len(tasks), cfg, pad_id)
         opt.step()

@@ -24,7 +24,7 @@ import polars as pl
 
 from dit_core.data.assemble import DitDataset
 from dit_core.config import Params
-from dit_core.io import write_json_atomic, write_parquet_atomic
+from dit_core.io import compare_record, move_aside, write_json_atomic, write_parquet_atomic
 from dit_core.modeling.models import LoadedModel
 from dit_core.data.schemas import read_validated
 
@@ -147,15 +147,14 @@ def scaling_curve(p: Params, lm: LoadedModel, dataset_dir: str | Path, out_dir: 
     for n in sizes:
         out = point_dir(out_dir, n)
         done = out / POINT_FILE
-        if done.exists():
-            point = json.loads(done.read_text())
-            if point.get("train_ids") == order[:n] and point.get("made_with") == _made_with(p):
-                log.info("scaling point n=%d already done (%s); skipping", n, done)
-                points.append(point)
-                continue
-            stale = out.with_name(f"{out.name}.stale-{int(time.time())}")
-            out.rename(stale)
-            log.warning("%s was made from other training diffs or settings; moved to %s, redoing it", out, stale)
+        changed = compare_record(done, {"train_ids": order[:n], "made_with": _made_with(p)})
+        if changed == []:
+            log.info("scaling point n=%d already done (%s); skipping", n, done)
+            points.append(json.loads(done.read_text()))
+            continue
+        if changed:
+            stale = move_aside(out)
+            log.warning("%s was made with other %s; moved to %s, redoing it", out, ", ".join(changed), stale)
         log.info("scaling point n=%d of %d training diffs", n, len(order))
         point = _point(p, lm, ds, order, n, out, Path(questions_path), progress)
         log.info("scaling n=%d: dit top-1 %.3f %s, exact %.3f", n, point.get("top1", float("nan")),

@@ -29,9 +29,10 @@ from dit_core.data.assemble import DitDataset
 from dit_core.config import Params
 from dit_core.diffs.bank import DiffBank
 from dit_core.interpreter.adapter import InterpreterSpec, build_interpreter, label_example, save_interpreter
-from dit_core.io import atomic_path, write_json_atomic
+from dit_core.io import atomic_path, compare_record, move_aside, write_json_atomic
 from dit_core.modeling.lora import DiffModel
 from dit_core.modeling.models import LoadedModel
+from dit_core.modeling.schedule import warmup_cosine
 from dit_core.data.schemas import read_validated
 
 log = logging.getLogger(__name__)
@@ -99,17 +100,17 @@ class InterpreterRecipe:
 
     def _resume(self) -> None:
         state_file = self.ckpt_dir / "state.json"
-        if not state_file.exists():
+        changed = compare_record(state_file, {"spec": self.state["spec"]})
+        if changed is None:
+            return
+        if changed:
+            # New data or settings (e.g. scheduled retraining): start over, keeping the old run aside.
+            stale = move_aside(self.ckpt_dir)
+            (self.out_dir / "train_log.csv").unlink(missing_ok=True)
+            log.warning("checkpoint in %s is for another setup (%s changed); moved to %s, training from scratch",
+                        self.ckpt_dir, ", ".join(changed), stale)
             return
         saved = json.loads(state_file.read_text())
-        if saved.get("spec") != self.state["spec"]:
-            # New data or settings (e.g. scheduled retraining): start over, keeping the old run aside.
-            stale = self.ckpt_dir.with_name(f"checkpoints.stale-{int(time.time())}")
-            self.ckpt_dir.rename(stale)
-            (self.out_dir / "train_log.csv").unlink(missing_ok=True)
-            log.warning("checkpoint in %s is for another setup (data or params changed); moved to %s, "
-                        "training from scratch", self.ckpt_dir, stale)
-            return
         self.interp.load_state(load_file(str(self.ckpt_dir / "last.safetensors")))
         self.opt.load_state_dict(_optimizer_from_tensors(
             load_file(str(self.ckpt_dir / "optimizer.safetensors")), self.opt.state_dict()))
@@ -118,12 +119,8 @@ class InterpreterRecipe:
 
     # -- train ---------------------------------------------------------------------------------
     def _lr(self, step: int) -> float:
-        if step < self.cfg.warmup_steps:
-            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
-        if self.cfg.schedule == "constant":
-            return self.cfg.lr
-        prog = (step - self.cfg.warmup_steps) / max(self.total_steps - self.cfg.warmup_steps, 1)
-        return self.cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(prog, 1.0))))
+        return self.cfg.lr * warmup_cosine(step, self.total_steps, self.cfg.warmup_steps, floor=0.05,
+                                           cosine=self.cfg.schedule == "cosine")
 
     def _batch(self, rows: pl.DataFrame):
         ids = rows["diff_id"].to_list()

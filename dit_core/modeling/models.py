@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dit_core.config import ModelConfig
-from dit_core.io import atomic_dir, write_json_atomic
+from dit_core.io import atomic_dir, compare_record, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -230,13 +230,14 @@ def fetch_model(cfg: ModelConfig, models_root: str | Path) -> tuple[Path, bool]:
     """Make the HF-format directory for `cfg`; returns (path, fetched). Idempotent."""
     out = model_dir(cfg, models_root)
     marker = out / SOURCE_FILE
-    if marker.is_file():
+    changed = compare_record(marker, _source_spec(cfg))
+    if changed == []:
+        return out, False
+    if changed is not None:
         recorded = json.loads(marker.read_text())
-        if {k: recorded.get(k) for k in ("source", "id", "revision")} == _source_spec(cfg):
-            return out, False
         raise ModelSourceError(
-            f"{out} holds a different model ({recorded.get('source')}:{recorded.get('id')}); "
-            f"delete it or choose another model.id"
+            f"{out} holds a different model ({recorded.get('source')}:{recorded.get('id')}; "
+            f"{', '.join(changed)} differ); delete it or choose another model.id"
         )
     with atomic_dir(out) as tmp, tempfile.TemporaryDirectory() as work:
         if cfg.source == "embedded":
