@@ -27,7 +27,9 @@ def _run_identity(p: Params, lm: LoadedModel, behavior_dir: Path) -> dict:
     """What must match for a rerun to resume instead of starting over."""
     return {
         "base_model": lm.name, "base_sha256": lm.sha256, "behavior_dir": str(behavior_dir),
-        "diffs": p.diffs.model_dump(exclude={"check", "budget_s"}),  # a budget changes how many, not how
+        # Left out: what changes how many diffs are made or how a step is split into micro-batches (the
+        # same gradient), not the diffs themselves, so finished shards stay valid when these change.
+        "diffs": p.diffs.model_dump(exclude={"check", "budget_s", "max_batch_tokens"}),
     }
 
 
@@ -195,7 +197,8 @@ def run_shards(n_shards: int, train: Callable[[int], str], budget_s: float | Non
         except Exception as e:
             if not _is_out_of_memory(e):
                 raise
-            stopped = (f"out of memory in shard {i}: lower diffs.diffs_per_batch or diffs.max_batch_tokens "
+            stopped = (f"out of memory in shard {i}: rerun with a lower diffs.max_batch_tokens (finished shards "
+                       "are kept), or a lower diffs.diffs_per_batch under a new diffs.run "
                        f"({type(e).__name__}: {str(e)[:200]})")
             log.error(stopped)
             statuses.append("not_run")
