@@ -280,7 +280,9 @@ def retrain_finish(params: dict, plan: dict, record: dict, parent_run_id: str | 
     from dit_core import retrain as rt
 
     finished = rt.finish_round(plan, record)
-    return {"record": finished, "dvc": rt.dvc_version(_params(params), plan)}
+    from tasks.dvc_versioning import dvc_version
+
+    return {"record": finished, "dvc": dvc_version(_params(params), plan)}
 
 
 RETRAIN_STEPS: dict[str, Callable[..., dict]] = {
