@@ -50,8 +50,11 @@ def _load(params_file: str, overrides: Optional[list[str]], profiles: Optional[l
 
 
 def _run_flow(flow, params: dict, **kwargs) -> dict:
+    from dit_core.lock import workspace_lock
+
     try:
-        return flow(params, **kwargs)
+        with workspace_lock(params["paths"]["data"], "dit " + " ".join(sys.argv[1:])[:300]):
+            return flow(params, **kwargs)
     except Exception as e:  # the flow already logged the traceback; say it plainly and exit non-zero
         typer.secho(f"error: {type(e).__name__}: {e}", fg="red", err=True)
         raise typer.Exit(EXIT_FAILED) from None

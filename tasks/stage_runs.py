@@ -226,8 +226,13 @@ STAGES: dict[str, Callable[..., dict]] = {
 
 
 def run_pipeline(params: dict, stages: dict[str, Callable[..., dict]] = STAGES) -> dict:
-    """The whole DAG, stage after stage, under one parent MLflow run; each stage resumes earlier work."""
-    with tracked_pipeline(params) as parent:
+    """The whole DAG, stage after stage, under one parent MLflow run; each stage resumes earlier work.
+
+    Holds the workspace lock (dit_core/lock.py): a second run in the same `paths.data` refuses.
+    """
+    from dit_core.lock import workspace_lock
+
+    with workspace_lock(params["paths"]["data"], "pipeline"), tracked_pipeline(params) as parent:
         return {name: stages[name](params, parent) for name in PIPELINE}
 
 
@@ -294,9 +299,14 @@ RETRAIN_STEPS: dict[str, Callable[..., dict]] = {
 def run_retrain(params: dict, steps: dict[str, Callable[..., dict]] = RETRAIN_STEPS) -> dict:
     """One round of scheduled retraining under one parent MLflow run (docs/retraining.md): a new diff store
     with fresh seeds, the interpreter retrained on every round's diffs, scored on the fixed benchmark."""
+    from dit_core.lock import workspace_lock
     from dit_core.retrain import plan_round
 
-    plan = plan_round(_params(params))
+    with workspace_lock(params["paths"]["data"], "retrain"):
+        return _retrain_round(params, steps, plan_round(_params(params)))
+
+
+def _retrain_round(params: dict, steps: dict[str, Callable[..., dict]], plan: dict) -> dict:
     log.info("retraining round %d%s: %s", plan["round"], " (resumed)" if plan["resumed"] else "", plan["store"])
     with tracked_pipeline(params, "retrain", {"dit.round": str(plan["round"])}) as parent:
         out: dict = {"round": plan["round"], "plan": plan}
