@@ -69,7 +69,7 @@ def workspace_lock(data_dir: str | Path, command: str) -> Iterator[dict]:
                 f"stop it, or give this run its own workspace (--set paths.data=... --set paths.models=... "
                 f"--set paths.reports=...)") from None
         previous = _read(fd)
-        if previous:  # the kernel released it: that run ended without cleaning up (killed or crashed)
+        if previous:  # the kernel freed it: that run ended without cleaning up (killed or crashed)
             log.warning("taking over the workspace lock of %s, which is no longer running", _describe(previous))
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(), "command": command}
         os.ftruncate(fd, 0)

@@ -36,7 +36,7 @@ EngineOpt = typer.Option("prefect", "--engine", "-e",
 BudgetOpt = typer.Option(None, "--budget", help="seconds for diff generation (= --set diffs.budget_s=SECONDS)")
 SetOpt = typer.Option(None, "--set", "-s", help="override a param, e.g. --set diffs.rank=2 (repeatable, wins over profiles)")
 
-EXIT_CONFIG, EXIT_FAILED = 2, 1
+EXIT_CONFIG, EXIT_FAILED, EXIT_STOPPED = 2, 1, 143  # 143: 128 + SIGTERM, as a shell reports it
 
 
 def _load(params_file: str, overrides: Optional[list[str]], profiles: Optional[list[str]] = None) -> dict:
@@ -51,13 +51,20 @@ def _load(params_file: str, overrides: Optional[list[str]], profiles: Optional[l
 
 def _run_flow(flow, params: dict, **kwargs) -> dict:
     from dit_core.lock import workspace_lock
+    from dit_core.stop import StopRequested, is_stop, stop_on_signals, stop_requested
 
     try:
-        with workspace_lock(params["paths"]["data"], "dit " + " ".join(sys.argv[1:])[:300]):
+        with stop_on_signals(), workspace_lock(params["paths"]["data"], "dit " + " ".join(sys.argv[1:])[:300]):
             return flow(params, **kwargs)
-    except Exception as e:  # the flow already logged the traceback; say it plainly and exit non-zero
-        typer.secho(f"error: {type(e).__name__}: {e}", fg="red", err=True)
-        raise typer.Exit(EXIT_FAILED) from None
+    except BaseException as e:
+        if not is_stop(e):
+            if isinstance(e, Exception):  # the flow already logged the traceback; say it plainly
+                typer.secho(f"error: {type(e).__name__}: {e}", fg="red", err=True)
+                raise typer.Exit(EXIT_FAILED) from None
+            raise
+        reason = stop_requested() or type(e).__name__
+        typer.secho(f"error: {e if isinstance(e, StopRequested) else StopRequested(reason)}", fg="red", err=True)
+        raise typer.Exit(EXIT_STOPPED) from None
 
 
 STAGE_NAMES = ("download", "make-data", "generate-diffs", "assemble", "train-interpreter", "evaluate", "scaling")

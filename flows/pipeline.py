@@ -8,6 +8,7 @@ import time
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from dit_core.stop import stop_on_signals
 from tasks import stage_runs
 from tasks import stages as t
 
@@ -29,12 +30,14 @@ def make_data_flow(params: dict) -> dict:
 def generate_diffs_flow(params: dict, parent_run_id: str | None = None) -> dict:
     """Train all weight diffs: one task per shard, mapped (no budget) or in turn within diffs.budget_s."""
     if params["diffs"]["budget_s"] is not None:  # a budget decides shard by shard whether the next fits
-        return stage_runs.generate_diffs(params, parent_run_id, train=t.train_shard)
-    n = t.prepare_diffs(params)
-    t0 = time.time()
-    futures = t.train_shard.map(params=unmapped(params), index=list(range(n)))
-    statuses = [f.result() for f in futures]
-    return t.finalize_diffs(params, n, statuses, time.time() - t0, parent_run_id)
+        with stop_on_signals(chain=True):
+            return stage_runs.generate_diffs(params, parent_run_id, train=t.train_shard)
+    with stop_on_signals(chain=True), stage_runs.tracked(params, "generate_diffs", parent_run_id) as run:
+        n = t.prepare_diffs(params)
+        t0 = time.time()
+        futures = t.train_shard.map(params=unmapped(params), index=list(range(n)))
+        statuses = [f.result() for f in futures]
+        return stage_runs.finalize_diffs(params, n, statuses, time.time() - t0, run=run)
 
 
 @flow(name="stage-assemble")
@@ -87,7 +90,8 @@ def pipeline_flow(params: dict | None = None) -> dict:
     from dit_core.config import load_params, params_from_dict
 
     params = params_from_dict(params).model_dump() if params else load_params("params.yaml").model_dump()
-    return stage_runs.run_pipeline(params, PIPELINE_STEPS)
+    with stop_on_signals(chain=True):
+        return stage_runs.run_pipeline(params, PIPELINE_STEPS)
 
 
 # What the retraining flow runs for each step of stage_runs.run_retrain.
@@ -110,4 +114,5 @@ def retrain_flow(params_file: str = "params.yaml", overrides: list[str] | None =
 
     params = (params_from_dict(params).model_dump() if params
               else load_params(params_file, overrides or [], profiles or []).model_dump())
-    return stage_runs.run_retrain(params, RETRAIN_STEPS)
+    with stop_on_signals(chain=True):
+        return stage_runs.run_retrain(params, RETRAIN_STEPS)

@@ -106,18 +106,19 @@ def train_shard(params: dict, index: int) -> str:
 
 
 def finalize_diffs(params: dict, n_shards: int, statuses: list[str], seconds: float,
-                   parent_run_id: str | None = None, stopped: str | None = None) -> dict:
-    """Join the finished shards' rows into the manifest and summarise the behaviour checks."""
+                   stopped: str | None = None, run=None) -> dict:
+    """Join the finished shards' rows into the manifest and summarise the behaviour checks (logged
+    into `run`, the generate_diffs stage's MLflow run, when given)."""
     from dit_core.diffs import generate as gd
     from dit_core.stages import stage_paths
 
     p = _params(params)
-    extra = gd.run_stats(statuses, seconds, p.diffs.diffs_per_batch, stopped)
-    with tracked(params, "generate_diffs", parent_run_id) as run:
-        summary = gd.finalize_run(stage_paths(p).diffs, n_shards, extra)
-        run.log_metrics(summary)
-        run.log_artifact(stage_paths(p).diffs / "manifest.parquet")
-        return summary
+    run = run or Untracked()
+    summary = gd.finalize_run(stage_paths(p).diffs, n_shards,
+                              gd.run_stats(statuses, seconds, p.diffs.diffs_per_batch, stopped))
+    run.log_metrics(summary)
+    run.log_artifact(stage_paths(p).diffs / "manifest.parquet")
+    return summary
 
 
 def generate_diffs(params: dict, parent_run_id: str | None = None,
@@ -130,10 +131,11 @@ def generate_diffs(params: dict, parent_run_id: str | None = None,
 
     from dit_core.diffs.generate import run_shards
 
-    n = prepare_diffs(params)
-    t0 = time.time()
-    statuses, stopped = run_shards(n, lambda i: train(params, i), params["diffs"]["budget_s"])
-    return finalize_diffs(params, n, statuses, time.time() - t0, parent_run_id, stopped)
+    with tracked(params, "generate_diffs", parent_run_id) as run:  # open while shards train: a stop marks it
+        n = prepare_diffs(params)
+        t0 = time.time()
+        statuses, stopped = run_shards(n, lambda i: train(params, i), params["diffs"]["budget_s"])
+        return finalize_diffs(params, n, statuses, time.time() - t0, stopped, run)
 
 
 def assemble(params: dict, parent_run_id: str | None = None) -> dict:

@@ -75,6 +75,21 @@ class StageRun:
             mlflow.log_artifact(str(path), folder)
 
 
+def end_status(e: BaseException) -> str:
+    """KILLED for a run stopped by a signal (a stop request or a second Ctrl-C), FAILED otherwise."""
+    from dit_core.stop import is_stop
+
+    return "KILLED" if is_stop(e) else "FAILED"
+
+
+def error_tag(e: BaseException) -> str:
+    """What ended the run, with the stop's reason (e.g. 'SIGTERM received') when a stop ended it."""
+    from dit_core.stop import is_stop, stop_requested
+
+    reason = f" ({stop_requested()})" if is_stop(e) and stop_requested() else ""
+    return f"{type(e).__name__}: {e}{reason}"[:4000]
+
+
 @contextmanager
 def stage_run(params: dict, stage: str, parent_run_id: str | None = None) -> Iterator[StageRun]:
     """An MLflow run for one stage; marked FAILED with the error message if the stage raises."""
@@ -93,8 +108,8 @@ def stage_run(params: dict, stage: str, parent_run_id: str | None = None) -> Ite
         try:
             yield StageRun(run)
         except BaseException as e:
-            mlflow.set_tag("dit.error", f"{type(e).__name__}: {e}"[:4000])
-            mlflow.end_run(status="FAILED")
+            mlflow.set_tag("dit.error", error_tag(e))
+            mlflow.end_run(status=end_status(e))
             raise
 
 
@@ -127,8 +142,8 @@ def pipeline_run(params: dict, name: str = "pipeline", tags: dict | None = None)
         try:
             yield run.info.run_id
         except BaseException as e:
-            mlflow.set_tag("dit.error", f"{type(e).__name__}: {e}"[:4000])
-            mlflow.end_run(status="FAILED")
+            mlflow.set_tag("dit.error", error_tag(e))
+            mlflow.end_run(status=end_status(e))
             raise
 
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from dit_core.config import DiffsConfig
 from dit_core.modeling.lora import DiffModel
 from dit_core.modeling.schedule import warmup_cosine
+from dit_core.stop import check_stop
 from dit_core.modeling.batching import Example, encode_example, encode_examples, summed_parts
 
 
@@ -198,6 +199,7 @@ def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: 
     show_every = 1 if device.type == "cpu" else SHOW_EVERY  # on a GPU, reading losses waits for it
     bar = tqdm(range(cfg.steps), desc=f"training {len(tasks)} diffs", disable=not progress)
     for step in bar:
+        check_stop()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup_steps, floor=0.1)
         opt.zero_grad(set_to_none=True)

@@ -33,6 +33,7 @@ from dit_core.io import atomic_path, compare_record, move_aside, write_json_atom
 from dit_core.modeling.lora import DiffModel
 from dit_core.modeling.models import LoadedModel
 from dit_core.modeling.schedule import warmup_cosine
+from dit_core.stop import check_stop
 from dit_core.data.schemas import read_validated
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,7 @@ class InterpreterRecipe:
             losses: list[float] = []
             pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss on the device)
             for start in bar:
+                check_stop()
                 lr = self._lr(self.state["step"])
                 for g in self.opt.param_groups:
                     g["lr"] = lr

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from dit_core.stop import check_stop
+
 
 def chat_prompt(tokenizer, user: str, system: str | None = None, answer_prefix: str = "") -> str:
     """The chat-formatted prompt text up to the assistant's turn (plus a forced answer opening)."""
@@ -66,6 +68,7 @@ def generate(
     try:
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+            check_stop()
             chunk = prompts[start : start + batch_size]
             if before_batch is not None:
                 before_batch(start, start + len(chunk))

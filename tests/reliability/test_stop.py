@@ -1,0 +1,60 @@
+"""Stop when told: SIGTERM during diff generation stops the process within seconds, keeps the finished
+shard, marks the MLflow run KILLED and exits non-zero; a rerun resumes after the kept shard."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+from conftest import PARAMS, ROOT, tiny_overrides
+from dit_core.config import load_params
+
+
+def _wait_for(path, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"{path} did not appear in {timeout} s")
+
+
+@pytest.mark.parametrize("engine", ["local", "prefect"])
+def test_sigterm_during_diff_generation(engine, tiny_model_dir, tmp_path, mlflow_uri, prefect_server):
+    from tasks.stage_runs import download, make_data
+
+    # 3 shards of 2 diffs, each long enough (many steps) that the signal lands inside shard 1
+    sets = tiny_overrides(tiny_model_dir, tmp_path / "data") + ["diffs.diffs_per_batch=2", "diffs.steps=300"]
+    params = load_params(PARAMS, sets).model_dump()
+    download(params)
+    make_data(params)
+    store = tmp_path / "data" / "diffs" / "hidden_topic"
+    args = [sys.executable, "-m", "flows.cli", "stage", "generate-diffs", "--engine", engine,
+            *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(store / "shard-00000.rows.parquet", proc)
+        shard0 = (store / "shard-00000.safetensors").read_bytes()
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        stopped_in = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert stopped_in < 20, f"took {stopped_in:.1f} s to stop"
+    assert "SIGTERM received" in err and "a rerun resumes" in err
+    assert (store / "shard-00000.safetensors").read_bytes() == shard0  # the finished shard is kept
+    assert not (store / "shard-00001.rows.parquet").exists() and not (store / "manifest.parquet").exists()
+    assert not list(store.glob(".*.tmp"))  # no half-written file left behind
+    runs = mlflow.search_runs(experiment_names=["dit"], output_format="list")
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert killed and "SIGTERM" in killed[0].data.tags["dit.error"]
