@@ -131,7 +131,10 @@ def read_interpreter(path: str | Path, base_sha256: str | None = None) -> tuple[
     if not (path / SPEC).is_file() or not (path / WEIGHTS).is_file():
         raise InterpreterFileError(f"{path}: no interpreter here ({SPEC} and {WEIGHTS} expected); "
                                    "run `dit stage train-interpreter` or pass --interpreter")
-    spec = InterpreterSpec(**json.loads((path / SPEC).read_text()))
+    try:
+        spec = InterpreterSpec(**json.loads((path / SPEC).read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise InterpreterFileError(f"{path / SPEC}: not an interpreter spec ({e}); retrain or re-download it") from e
     if base_sha256 and spec.base_sha256 != base_sha256:
         raise InterpreterFileError(f"{path}: trained on base model {spec.base_model} "
                                    f"({spec.base_sha256[:12]}…), not the loaded one ({base_sha256[:12]}…)")

@@ -39,11 +39,15 @@ def import_peft(adapter_dir: str | Path, shapes: dict[str, tuple[int, int]], bas
     r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     found: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            m = _KEY.match(key)
-            if m:
-                found.setdefault(m["module"], {})[m["which"]] = f.get_tensor(key).float()
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                m = _KEY.match(key)
+                if m:
+                    found.setdefault(m["module"], {})[m["which"]] = f.get_tensor(key).float()
+    except Exception as e:  # a pickle or a truncated file under the safetensors name
+        raise DiffFileError(f"{weights}: not a readable safetensors file ({e}); save the adapter with "
+                            "safe_serialization=True") from e
     if not found:
         raise DiffFileError(f"{weights}: no lora_A/lora_B tensors found")
     unknown = sorted(set(found) - set(shapes))
