@@ -319,6 +319,35 @@ def scaling(
     typer.echo(f"written to {result['dir']}")
 
 
+@app.command()
+def verify(
+    paths: list[str] = typer.Argument(..., help="diff store, dataset folder, interpreter folder, diff file, "
+                                                "or an MLflow model URI (models:/dit-interpreter@champion)"),
+    params_file: str = ParamsOpt,
+) -> None:
+    """Check stored artifacts (sha256 recorded at write time, format, shapes, NaN/Inf); list every problem.
+
+    Examples:
+      dit verify data/diffs/hidden_topic data/dit_dataset models/interpreter
+      dit verify models:/dit-interpreter@champion
+    """
+    from dit_core.verify import verify as run_verify
+
+    params = _load(params_file, [], []) if any(p.startswith(("models:/", "runs:/")) for p in paths) else None
+    n_problems = 0
+    for ref in paths:
+        local = _interpreter_path(ref, params) if params else ref
+        report = run_verify(local)
+        checked = ", ".join(f"{v} {k}" for k, v in report["checked"].items())
+        status = "ok" if not report["problems"] else f"{len(report['problems'])} problem(s)"
+        typer.echo(f"{ref}: {report['kind']} ({checked}): {status}")
+        for problem in report["problems"]:
+            typer.secho(f"  {problem}", fg="red", err=True)
+        n_problems += len(report["problems"])
+    if n_problems:
+        raise typer.Exit(EXIT_FAILED)
+
+
 @app.command("params")
 def params_cmd(
     params_file: str = ParamsOpt,

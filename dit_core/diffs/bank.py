@@ -25,6 +25,9 @@ class DiffBank:
         # index: one row per diff with columns diff_id, store, shard, row
         self._where = {d: (Path(s) / sh, r) for d, s, sh, r in
                        index.select("diff_id", "store", "shard", "row").iter_rows()}
+        # the sha256 each shard had when it was written, checked before a shard is read
+        self._sha = ({Path(s) / sh: h for s, sh, h in index.select("store", "shard", "shard_sha256").iter_rows()}
+                     if "shard_sha256" in index.columns else {})
         self.expected, self.base_sha256 = expected, base_sha256
         self._cache: OrderedDict[Path, DiffShard] = OrderedDict()
         self.cache_shards = cache_shards
@@ -44,7 +47,7 @@ class DiffBank:
         B: dict[str, list[torch.Tensor]] = {}
         scales, position, size, rank = [], {}, 0, None
         for path in paths:
-            shard = read_shard(path, self.expected, self.base_sha256)
+            shard = read_shard(path, self.expected, self.base_sha256, self._sha.get(path))
             if rank not in (None, shard.rank):
                 return False
             rank = shard.rank
@@ -68,7 +71,7 @@ class DiffBank:
         if path in self._cache:
             self._cache.move_to_end(path)
             return self._cache[path]
-        shard = read_shard(path, self.expected, self.base_sha256)
+        shard = read_shard(path, self.expected, self.base_sha256, self._sha.get(path))
         self._cache[path] = shard
         if len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)

@@ -74,10 +74,22 @@ def write_shard(path: str | Path, shard: DiffShard) -> str:
     return sha256_file(Path(path))
 
 
+def check_sha256(path: str | Path, recorded: str) -> None:
+    """Refuse a file whose sha256 is not the one recorded when it was written."""
+    actual = sha256_file(Path(path))
+    if actual != recorded:
+        raise DiffFileError(f"{path}: sha256 {actual[:12]}… is not the {recorded[:12]}… recorded when it was "
+                            "written: the file changed or is corrupt; delete it and rerun "
+                            "`dit stage generate-diffs` (it retrains that shard)")
+
+
 def read_shard(path: str | Path, expected: dict[str, tuple[int, int]] | None = None,
-               base_sha256: str | None = None) -> DiffShard:
-    """Read and validate a shard; `expected` maps module -> (in, out) of the base model."""
+               base_sha256: str | None = None, sha256: str | None = None) -> DiffShard:
+    """Read and validate a shard; `expected` maps module -> (in, out) of the base model; `sha256`, when
+    given (the manifest's shard_sha256), must match the file before it is parsed."""
     path = Path(path)
+    if sha256 is not None and path.is_file():
+        check_sha256(path, sha256)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -178,8 +190,8 @@ class DiffStore:
         if missing:
             raise KeyError(f"{self.root}: unknown diff ids {sorted(missing)[:5]}")
         parts: dict[str, tuple[DiffShard, int]] = {}
-        for shard_name, g in m.group_by("shard", maintain_order=True):
-            shard = read_shard(self.root / shard_name[0], expected, base_sha256)
+        for (shard_name, sha), g in m.group_by("shard", "shard_sha256", maintain_order=True):
+            shard = read_shard(self.root / shard_name, expected, base_sha256, sha)
             for d, r in zip(g["diff_id"], g["row"]):
                 parts[d] = (shard, r)
         first = parts[diff_ids[0]][0]

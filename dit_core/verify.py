@@ -1,0 +1,72 @@
+"""`dit verify PATH`: check stored artifacts before trusting them, and report every problem found.
+
+    PATH: a diff store (manifest.parquet), a dataset folder (dataset.parquet), an interpreter folder
+    (interpreter.json), or one diff .safetensors file.
+
+Shards are checked against the sha256 recorded when they were written, then parsed and validated
+(metadata, shapes, finite values); an interpreter's weights are parsed and checked for NaN/Inf.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from dit_core.diffs.store import DiffFileError, read_shard
+
+
+def _check_shard(path: Path, sha256: str | None, problems: list[str]) -> int:
+    if not path.is_file():
+        problems.append(f"{path}: missing")
+        return 0
+    try:
+        return len(read_shard(path, sha256=sha256).diff_ids)
+    except DiffFileError as e:
+        problems.append(str(e))
+        return 0
+
+
+def _check_shards(rows: pl.DataFrame, root_of, problems: list[str]) -> dict:
+    shards = rows.select("store", "shard", "shard_sha256").unique(maintain_order=True) if "store" in rows.columns \
+        else rows.select("shard", "shard_sha256").unique(maintain_order=True)
+    n_diffs = 0
+    for r in shards.iter_rows(named=True):
+        n_diffs += _check_shard(root_of(r) / r["shard"], r["shard_sha256"], problems)
+    return {"shards": shards.height, "diffs_in_shards": n_diffs}
+
+
+def verify(path: str | Path) -> dict:
+    """{'kind', 'checked', 'problems': [...]} for whatever PATH holds (see the module docstring)."""
+    path = Path(path)
+    problems: list[str] = []
+    if path.is_dir() and (path / "manifest.parquet").is_file():
+        rows = pl.read_parquet(path / "manifest.parquet")
+        checked = _check_shards(rows, lambda r: path, problems)
+        dup = rows.filter(pl.col("diff_id").is_duplicated())["diff_id"].unique().to_list()
+        if dup:
+            problems.append(f"{path / 'manifest.parquet'}: duplicate diff ids {sorted(dup)[:5]}")
+        return {"kind": "diff store", "checked": checked, "problems": problems}
+    if path.is_dir() and (path / "dataset.parquet").is_file():
+        rows = pl.read_parquet(path / "dataset.parquet")
+        checked = _check_shards(rows, lambda r: Path(r["store"]), problems)
+        return {"kind": "dataset", "checked": checked, "problems": problems}
+    if path.is_dir() and (path / "interpreter.json").is_file():
+        from dit_core.interpreter.adapter import InterpreterFileError, read_interpreter
+
+        try:
+            _, state = read_interpreter(path)
+            bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+            if bad:
+                problems.append(f"{path}: NaN/Inf in {bad[:3]}; retrain the interpreter")
+            checked = {"tensors": len(state)}
+        except InterpreterFileError as e:
+            problems.append(str(e))
+            checked = {"tensors": 0}
+        return {"kind": "interpreter", "checked": checked, "problems": problems}
+    if path.suffix == ".safetensors" and path.is_file():
+        return {"kind": "diff file", "checked": {"diffs": _check_shard(path, None, problems)}, "problems": problems}
+    return {"kind": "unknown", "checked": {}, "problems": [
+        f"{path}: not a diff store (manifest.parquet), dataset (dataset.parquet), interpreter folder "
+        "(interpreter.json) or diff .safetensors file"]}
