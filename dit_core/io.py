@@ -14,27 +14,49 @@ from typing import Iterator
 import polars as pl
 
 
+class WriteError(OSError):
+    """A file could not be written (disk full, no permission, ...); what was there before is intact."""
+
+
+def _write_error(path: Path, e: OSError) -> WriteError:
+    why = e.strerror or str(e)
+    return WriteError(e.errno, f"cannot write {path}: {why}. Free disk space or fix the permissions of "
+                               f"{path.parent}, then rerun: earlier outputs are intact and the run resumes")
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success it is renamed onto `path`, on error removed."""
+    """Yield a temp path beside `path`; on success it is renamed onto `path`, on error removed.
+
+    An OSError while writing (disk full, permission denied) becomes a WriteError naming the path.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise _write_error(path, e) from e
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp directory beside `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         yield tmp
         if path.exists():
