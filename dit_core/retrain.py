@@ -27,8 +27,8 @@ from pathlib import Path
 
 import polars as pl
 
-from dit_core.config import ConfigError, Params, flatten
-from dit_core.io import atomic_path, write_json_atomic
+from dit_core.config import ConfigError, Params
+from dit_core.io import atomic_path, compare_record, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,9 @@ def _identity(ps: Params, kind: str, n: int | None, n_diffs: int, prefix: str, *
 
 
 def _changed(store: Path, identity: dict, keys=None) -> list[str] | None:
-    """Keys of `identity` that differ from the store's record (None: no record yet)."""
-    record = store / IDENTITY
-    if not record.is_file():
-        return None
-    old, new = flatten(json.loads(record.read_text())), flatten(identity)
-    return sorted(k for k in new if (keys is None or k in keys) and old.get(k) != new[k])
+    """Keys of `identity` that differ from the store's record (None: no record yet), among `keys`."""
+    changed = compare_record(store / IDENTITY, identity)
+    return changed if changed is None or keys is None else [k for k in changed if k in keys]
 
 
 def _complete(store: Path) -> bool:
@@ -131,40 +128,17 @@ def _complete(store: Path) -> bool:
             and not json.loads(summary.read_text()).get("stopped"))
 
 
-def _make_behavior(ps: Params, folder: Path, id_prefix: str) -> dict:
-    """The store's behaviour data, kept when it exists for these settings."""
-    from dit_core.data.behavior_data import make_hidden_topic_data
-    from dit_core.modeling.models import compute_context, load_model
-    from dit_core.stages import BEHAVIOR_FILES, MADE_WITH, _made_with, stage_paths
-
-    made_with = {**_made_with(ps), "id_prefix": id_prefix}
-    record = folder / MADE_WITH
-    if (record.is_file() and all((folder / f).exists() for f in BEHAVIOR_FILES)
-            and json.loads(record.read_text()) == made_with):
-        log.info("%s already holds this behaviour data; nothing to do", folder)
-        return json.loads((folder / "stats.json").read_text()) | {"skipped": True}
-    record.unlink(missing_ok=True)  # until the new data is complete, no record vouches for the files
-    lm = None if ps.data.answer_mode == "template" else load_model(stage_paths(ps).model, ps.model.device,
-                                                                    ps.model.dtype)
-    with compute_context(lm.device if lm else "cpu", ps.model.autocast):
-        stats = make_hidden_topic_data(ps.data, folder, lm and lm.model, lm and lm.tokenizer, id_prefix)
-    write_json_atomic(record, made_with)
-    return stats
-
-
 def _make_store(ps: Params, store: Path, id_prefix: str) -> dict:
-    """Behaviour data, then every shard of the store (finished shards kept), then its manifest."""
-    from dit_core.diffs import generate as gd
-    from dit_core.stages import stage_paths, wrapped_model
+    """Behaviour data, then every shard of the store (finished shards kept), then its manifest: the
+    make-data and generate-diffs stages, into the store's own folders."""
+    from dit_core.diffs.generate import generate_diffs
+    from dit_core.stages import run_make_data, stage_paths, wrapped_model
 
     behavior = store / BEHAVIOR_DIR
-    _make_behavior(ps, behavior, id_prefix)
+    run_make_data(ps, behavior, id_prefix)
     lm, dm = wrapped_model(str(stage_paths(ps).model), ps.model.device, ps.model.dtype, ps.diffs.modules)
-    n = gd.prepare_run(ps, lm, behavior, store)
-    t0 = time.time()
-    statuses, stopped = gd.run_shards(n, lambda i: gd.train_shard(ps, lm, behavior, store, i, dm),
-                                      ps.diffs.budget_s)
-    summary = gd.finalize_run(store, n, gd.run_stats(statuses, time.time() - t0, ps.diffs.diffs_per_batch, stopped))
+    summary = generate_diffs(ps, lm, behavior, store, dm)
+    stopped = summary.get("stopped")
     if stopped:
         raise RuntimeError(f"{store}: diff generation stopped early ({stopped}); its finished shards are kept: "
                            "rerun the round (`dit retrain`, with a larger --budget) to finish the store first")

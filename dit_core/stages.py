@@ -89,32 +89,35 @@ def _made_with(p: Params) -> dict:
     return {"data": data, "model": p.model.model_dump(include={"source", "id", "revision"})}
 
 
-def run_make_data(p: Params) -> dict:
-    """Write the hidden-topic behaviour data (answers distilled from the base model).
+def run_make_data(p: Params, folder: Path | None = None, id_prefix: str | None = None) -> dict:
+    """Write the hidden-topic behaviour data (answers distilled from the base model) into `folder`
+    (default: the stage's); `id_prefix` names the diffs (retraining keeps each store's ids apart).
 
     A rerun with the same data settings and model does nothing and says so; changed settings
     regenerate the data (and say which changed).
     """
     paths = stage_paths(p)
-    made_with = _made_with(p)
-    record = paths.behavior / MADE_WITH
+    folder = folder or paths.behavior
+    made_with = _made_with(p) | ({"id_prefix": id_prefix} if id_prefix else {})
+    record = folder / MADE_WITH
     changed = compare_record(record, made_with)
-    if changed == [] and all((paths.behavior / f).exists() for f in BEHAVIOR_FILES):
-        stats = json.loads((paths.behavior / "stats.json").read_text())
-        msg = f"{paths.behavior} already holds this behaviour data; nothing to do"
+    if changed == [] and all((folder / f).exists() for f in BEHAVIOR_FILES):
+        stats = json.loads((folder / "stats.json").read_text())
+        msg = f"{folder} already holds this behaviour data; nothing to do"
         log.info(msg)
         return stats | {"skipped": True, "message": msg}
     if changed:
-        log.warning("behaviour data settings changed (%s): regenerating %s", ", ".join(changed), paths.behavior)
+        log.warning("behaviour data settings changed (%s): regenerating %s", ", ".join(changed), folder)
     record.unlink(missing_ok=True)  # until the new data is complete, no record vouches for the files
     lm = None if p.data.answer_mode == "template" else load_model(paths.model, p.model.device, p.model.dtype)
     t0 = time.time()
     with compute_context(lm.device if lm else "cpu", p.model.autocast):
-        stats = make_hidden_topic_data(p.data, paths.behavior, lm and lm.model, lm and lm.tokenizer)
+        stats = make_hidden_topic_data(p.data, folder, lm and lm.model, lm and lm.tokenizer,
+                                       **({"id_prefix": id_prefix} if id_prefix else {}))
     stats["seconds"] = round(time.time() - t0, 1)
     write_json_atomic(record, made_with)  # last: the commit point of a complete run
     log.info("behaviour data: %d diffs, %d samples, kept fraction %.2f -> %s", stats["n_diffs"],
-             stats["n_samples"], stats["kept_fraction"], paths.behavior)
+             stats["n_samples"], stats["kept_fraction"], folder)
     return stats
 
 

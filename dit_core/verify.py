@@ -29,8 +29,8 @@ def _check_shard(path: Path, sha256: str | None, problems: list[str]) -> int:
 
 
 def _check_shards(rows: pl.DataFrame, root_of, problems: list[str]) -> dict:
-    shards = rows.select("store", "shard", "shard_sha256").unique(maintain_order=True) if "store" in rows.columns \
-        else rows.select("shard", "shard_sha256").unique(maintain_order=True)
+    cols = [c for c in ("store", "shard", "shard_sha256") if c in rows.columns]  # a manifest has no store
+    shards = rows.select(cols).unique(maintain_order=True)
     n_diffs = 0
     for r in shards.iter_rows(named=True):
         n_diffs += _check_shard(root_of(r) / r["shard"], r["shard_sha256"], problems)

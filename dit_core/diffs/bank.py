@@ -25,7 +25,8 @@ class DiffBank:
         # index: one row per diff with columns diff_id, store, shard, row
         self._where = {d: (Path(s) / sh, r) for d, s, sh, r in
                        index.select("diff_id", "store", "shard", "row").iter_rows()}
-        # the sha256 each shard had when it was written, checked before a shard is read
+        # the sha256 each shard had when it was written, checked the first time a shard is read (a streamed
+        # shard is read again every epoch; hashing it each time would double the reads)
         self._sha = ({Path(s) / sh: h for s, sh, h in index.select("store", "shard", "shard_sha256").iter_rows()}
                      if "shard_sha256" in index.columns else {})
         self.expected, self.base_sha256 = expected, base_sha256
@@ -47,7 +48,7 @@ class DiffBank:
         B: dict[str, list[torch.Tensor]] = {}
         scales, position, size, rank = [], {}, 0, None
         for path in paths:
-            shard = read_shard(path, self.expected, self.base_sha256, self._sha.get(path))
+            shard = read_shard(path, self.expected, self.base_sha256, self._sha.pop(path, None))
             if rank not in (None, shard.rank):
                 return False
             rank = shard.rank
@@ -71,7 +72,7 @@ class DiffBank:
         if path in self._cache:
             self._cache.move_to_end(path)
             return self._cache[path]
-        shard = read_shard(path, self.expected, self.base_sha256, self._sha.get(path))
+        shard = read_shard(path, self.expected, self.base_sha256, self._sha.pop(path, None))
         self._cache[path] = shard
         if len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)

@@ -209,10 +209,11 @@ def run_shards(n_shards: int, train: Callable[[int], str], budget_s: float | Non
     return statuses, stopped
 
 
-def generate_diffs(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: str | Path) -> dict:
+def generate_diffs(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: str | Path,
+                   dm: DiffModel | None = None) -> dict:
     """Train every diff of `behavior_dir` into the store at `out_dir` within `diffs.budget_s`."""
     n = prepare_run(p, lm, behavior_dir, out_dir)
-    dm = DiffModel(lm.model, p.diffs.modules)  # wrapped once, reused for every shard
+    dm = dm or DiffModel(lm.model, p.diffs.modules)  # wrapped once, reused for every shard
     t0 = time.time()
     status, stopped = run_shards(n, lambda i: train_shard(p, lm, behavior_dir, out_dir, i, dm), p.diffs.budget_s)
     return finalize_run(out_dir, n, run_stats(status, time.time() - t0, p.diffs.diffs_per_batch, stopped))
