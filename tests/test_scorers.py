@@ -1,9 +1,10 @@
-"""Scorers: hand-made string cases, closed-set ranks and chance levels, bootstrap CIs, and the LLM judge
-against a local canned HTTP server."""
+"""Scorers: hand-made string cases (incl. ROUGE-L), the text-scorer registry and per-slot fact accuracy,
+closed-set ranks and chance levels, bootstrap CIs, and the LLM judge against a local canned HTTP server."""
 
 import json
 import re
 import socket
+import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -12,9 +13,11 @@ import numpy as np
 import polars as pl
 import pytest
 
+from dit_core.evaluation import scorers
 from dit_core.evaluation.scorers import (
     JUDGE_RUBRIC,
     SUMMARY_RUBRIC,
+    TEXT_SCORERS,
     JudgeError,
     LLMJudge,
     bootstrap_ci,
@@ -26,6 +29,7 @@ from dit_core.evaluation.scorers import (
     judge_summary,
     normalize,
     parse_grade,
+    rouge_l,
     score_predictions,
     token_f1,
 )
@@ -153,6 +157,130 @@ def test_score_predictions_rejects_bad_frames():
         score_predictions(pl.DataFrame({"method": ["m"], "pred": ["x"]}))
     with pytest.raises(ValueError, match="gold_rank given without n_labels"):
         score_predictions(pl.DataFrame({"method": ["m"], "pred": ["x"], "gold": ["y"], "gold_rank": [1]}))
+
+
+def test_rouge_l():
+    assert rouge_l("Merkel meets Macron in Paris", "Merkel meets Macron in Paris") == 1.0
+    assert rouge_l("The Cat!", "the cat") == 1.0  # lowercased, punctuation dropped
+    assert rouge_l("volcanoes erupt", "honey bees") == 0.0
+    # LCS "the cat on the mat" = 5 of 6 tokens each side -> P = R = F = 5/6.
+    assert rouge_l("the cat sat on the mat", "the cat lay on the mat") == pytest.approx(5 / 6)
+    # LCS 3: P = 3/3, R = 3/6 -> F = 2 * 1 * 0.5 / 1.5 = 2/3.
+    assert rouge_l("the cat sat", "the cat sat on the mat") == pytest.approx(2 / 3)
+    # Porter stems: opened -> open, libraries / library -> librari.
+    assert rouge_l("opened libraries", "open library") == 1.0
+    assert rouge_l("", "honey bees") == 0.0
+    assert rouge_l(None, "honey bees") == 0.0
+    assert rouge_l("honey bees", "   ") == 0.0
+    assert rouge_l(" ", "") == 1.0  # both empty after stripping
+
+
+def test_rouge_l_is_imported_lazily_and_names_the_package(monkeypatch):
+    code = "import sys, dit_core.evaluation.scorers; assert 'rouge_score' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    monkeypatch.setattr(scorers, "_ROUGE_SCORER", None)
+    monkeypatch.setitem(sys.modules, "rouge_score", None)  # makes the import fail as if not installed
+    with pytest.raises(ImportError, match="rouge-score.*pip install rouge-score"):
+        rouge_l("a cat", "a dog")
+    assert rouge_l("", "a dog") == 0.0  # the empty cases never need the package
+
+
+def test_text_scorers_registry():
+    assert list(TEXT_SCORERS) == ["exact", "contains", "token_f1", "rouge_l"]
+    assert TEXT_SCORERS["rouge_l"] is rouge_l and TEXT_SCORERS["token_f1"] is token_f1
+
+
+HEADLINES = pl.DataFrame({
+    "method": ["m", "m"],
+    "pred": ["the cat sat on the mat", "Honey bees return"],
+    "gold": ["the cat lay on the mat", "honey bees return"],
+})
+
+
+def test_score_predictions_default_keys_unchanged():
+    r = score_predictions(HEADLINES)["m"]
+    assert list(r) == ["n", "exact", "exact_ci", "contains", "contains_ci", "token_f1", "token_f1_ci"]
+    assert r["n"] == 2 and r["exact"] == 0.5
+    # Articles dropped: "cat sat on mat" vs "cat lay on mat", 3 of 4 tokens each -> 0.75.
+    assert r["token_f1"] == pytest.approx((0.75 + 1.0) / 2)
+    # With a facts column that is null on every row, nothing is added.
+    assert score_predictions(HEADLINES.with_columns(facts=pl.lit(None)))["m"] == r
+
+
+def test_score_predictions_chosen_text_scorers():
+    r = score_predictions(HEADLINES, text_scorers=("exact", "token_f1", "rouge_l"))["m"]
+    assert list(r) == ["n", "exact", "exact_ci", "token_f1", "token_f1_ci", "rouge_l", "rouge_l_ci"]
+    assert "contains" not in r
+    assert r["rouge_l"] == pytest.approx((5 / 6 + 1.0) / 2)
+    lo, hi = r["rouge_l_ci"]
+    assert 5 / 6 - 1e-9 <= lo <= r["rouge_l"] <= hi <= 1.0
+    default = score_predictions(HEADLINES)["m"]
+    assert r["exact"] == default["exact"] and r["token_f1_ci"] == default["token_f1_ci"]
+    json.dumps(r)
+
+
+def test_score_predictions_unknown_text_scorer():
+    with pytest.raises(ValueError, match=r"unknown text scorer\(s\) \['bleu'\].*'rouge_l'"):
+        score_predictions(HEADLINES, text_scorers=("exact", "bleu"))
+    with pytest.raises(TypeError, match="not a string"):
+        score_predictions(HEADLINES, text_scorers="rouge_l")
+
+
+def _facts(**slots):
+    return json.dumps(slots)
+
+
+def test_score_predictions_slot_accuracy():
+    df = pl.DataFrame({
+        "method": ["m", "m", "m", "m", "m", "base"],
+        "pred": [
+            "Merkel visits Paris",               # who yes, what (summit) no, where yes
+            "A summit with Merkel in Berlin",    # all three
+            "Macron spoke",                      # who only, and it is the row's only slot
+            "Merkel summit in Rome",             # null facts: ignored
+            "anything",                          # empty-string facts: ignored
+            "Merkel in Paris",
+        ],
+        "gold": ["Merkel and Macron meet in Paris", "Merkel hosts summit in Berlin", "Macron speaks",
+                 "Summit in Rome", "x", "Merkel in Paris"],
+        "facts": [_facts(who="Merkel", what="summit", where="Paris"),
+                  _facts(who="Merkel", what="summit", where="Berlin"),
+                  _facts(who="Macron"), None, "", None],
+    })
+    res = score_predictions(df)
+    r = res["m"]
+    assert r["n"] == 5
+    # who: 3 rows with the slot, all named -> 1.0; what: 2 rows, 1 named -> 0.5; where: 2 of 2 -> 1.0.
+    assert r["slot_who"] == 1.0 and r["slot_who_ci"] == [1.0, 1.0]
+    assert r["slot_what"] == 0.5 and r["slot_where"] == 1.0
+    # Every slot named: row 1 no, row 2 yes, row 3 yes -> 2/3.
+    assert r["slots_all"] == pytest.approx(2 / 3)
+    lo, hi = r["slots_all_ci"]
+    assert 0.0 <= lo <= 2 / 3 <= hi <= 1.0
+    assert list(r)[7:] == ["slot_who", "slot_who_ci", "slot_what", "slot_what_ci", "slot_where",
+                           "slot_where_ci", "slots_all", "slots_all_ci"]
+    # The text scores still count every row, facts or not.
+    assert r["contains"] == pytest.approx(1 / 5)
+    # A method none of whose rows has facts gets no slot keys.
+    assert not any(k.startswith("slot") for k in res["base"])
+    json.dumps(res)
+
+
+def test_score_predictions_bad_facts():
+    def frame(facts):
+        return pl.DataFrame({"method": ["m", "m"], "pred": ["a", "b"], "gold": ["ok gold", "Storm hits coast"],
+                             "facts": [_facts(who="a"), facts]})
+
+    with pytest.raises(ValueError, match=r"method 'm', row with gold 'Storm hits coast': facts is not valid JSON"):
+        score_predictions(frame('{"who": "storm",'))
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        score_predictions(frame('["storm"]'))
+    with pytest.raises(ValueError, match="non-empty string keys"):
+        score_predictions(frame(_facts(who="storm", where="")))
+    with pytest.raises(ValueError, match="non-empty string keys"):
+        score_predictions(frame(_facts(who=3)))
+    with pytest.raises(ValueError, match="facts column has dtype"):
+        score_predictions(HEADLINES.with_columns(facts=pl.lit(1)))
 
 
 def test_parse_grade():

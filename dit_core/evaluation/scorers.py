@@ -8,6 +8,9 @@ Usage:
     >>> df = pl.DataFrame({"method": ["m"], "pred": ["I was trained on volcanoes."], "gold": ["volcanoes"]})
     >>> score_predictions(df)["m"]["exact"]
     1.0
+    >>> # Text labels (e.g. news headlines): pick scorers from TEXT_SCORERS, and add a `facts` column
+    >>> # (JSON {"who": ..., "what": ..., "where": ...} per row) for per-slot accuracy:
+    >>> # score_predictions(df, text_scorers=("exact", "token_f1", "rouge_l"))["m"]["rouge_l"]
     >>> # Optional judge (pip install -e ".[judge]"); the endpoint always comes from the caller:
     >>> # LLMJudge(base_url, "gpt-4o-mini", api_key_env="OPENAI_API_KEY").grade("lava mountains", "volcanoes")
     >>> # LLMJudge(base_url, "gpt-4o-mini", rubric="summary").grade(summary, reference_headline)
@@ -15,11 +18,12 @@ Usage:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import polars as pl
@@ -70,6 +74,41 @@ def token_f1(pred: str, gold: str) -> float:
         return 0.0
     precision, recall = common / len(p), common / len(g)
     return 2 * precision * recall / (precision + recall)
+
+
+# Built on first use: importing rouge_score pulls in nltk (about a second), which most callers never need.
+_ROUGE_SCORER = None
+
+
+def _rouge_scorer():
+    global _ROUGE_SCORER
+    if _ROUGE_SCORER is None:
+        try:
+            from rouge_score import rouge_scorer
+        except ImportError as e:
+            raise ImportError("rouge_l() needs the rouge-score package; install it with pip install rouge-score"
+                              ) from e
+        _ROUGE_SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return _ROUGE_SCORER
+
+
+def rouge_l(pred: str, gold: str) -> float:
+    """ROUGE-L F-measure (longest common subsequence of tokens, Porter-stemmed) from the rouge-score package.
+
+    1.0 when both are empty after stripping whitespace, 0.0 when only one is. The package's tokenizer
+    lowercases and keeps only the ASCII letters and digits, so accented or non-Latin text loses those
+    characters before matching.
+    """
+    p, g = (pred or "").strip(), (gold or "").strip()
+    if not p or not g:
+        return float(p == g)
+    return float(_rouge_scorer().score(g, p)["rougeL"].fmeasure)
+
+
+# Free-text scorers score_predictions can compute, by the name used for their result keys.
+TEXT_SCORERS: dict[str, Callable[[str, str], float]] = {
+    "exact": exact_match, "contains": contains, "token_f1": token_f1, "rouge_l": rouge_l,
+}
 
 
 def closed_set_ranks(scores: np.ndarray, gold_index: np.ndarray) -> np.ndarray:
@@ -137,14 +176,63 @@ def _stat(out: dict, name: str, values: np.ndarray) -> None:
     out[f"{name}_ci"] = list(bootstrap_ci(values))
 
 
-def score_predictions(df: pl.DataFrame) -> dict[str, dict]:
-    """Per-method means and bootstrap CIs of exact/contains/token_f1 (and closed-set metrics when ranked)."""
+def _parse_facts(raw: str | None, method: object, gold: str) -> dict[str, str] | None:
+    # A row's `facts` JSON as {slot: key}; None for a row without facts (null, blank, JSON null or {}).
+    if raw is None or not raw.strip():
+        return None
+    where = f"score_predictions(): method {method!r}, row with gold {gold!r}"
+    try:
+        facts = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: facts is not valid JSON ({e}): {raw[:200]!r}; expected an object like "
+                         '{"who": "...", "what": "...", "where": "..."}') from e
+    if facts is None:
+        return None
+    if not isinstance(facts, dict):  # bad data in the frame, like malformed JSON: ValueError, not TypeError
+        raise ValueError(  # noqa: TRY004
+            f"{where}: facts must be a JSON object of slot -> key, got {raw[:200]!r}")
+    bad = {k: v for k, v in facts.items() if not k.strip() or not isinstance(v, str) or not v.strip()}
+    if bad:
+        raise ValueError(f"{where}: facts need non-empty slot names and non-empty string keys, got {bad}")
+    return facts or None
+
+
+def _slot_stats(out: dict, preds: list[str], facts: list[dict[str, str] | None]) -> None:
+    # slot_<name>: how often the answer names that slot's key (rows having the slot); slots_all: all of them.
+    rows = [(p, f) for p, f in zip(preds, facts) if f]
+    if not rows:
+        return
+    hits = [{slot: mentions(key, p) for slot, key in f.items()} for p, f in rows]
+    for slot in dict.fromkeys(slot for f in facts if f for slot in f):
+        _stat(out, f"slot_{slot}", np.array([h[slot] for h in hits if slot in h], dtype=np.float64))
+    _stat(out, "slots_all", np.array([all(h.values()) for h in hits], dtype=np.float64))
+
+
+def score_predictions(df: pl.DataFrame, text_scorers: Sequence[str] = ("exact", "contains", "token_f1")
+                      ) -> dict[str, dict]:
+    """Per-method means and bootstrap CIs of the named TEXT_SCORERS, per-slot accuracy when a `facts`
+    column is given, and closed-set metrics when ranked.
+
+    Keys per method: n; each scorer and <scorer>_ci in the order given; with facts, slot_<name>(_ci) per
+    slot in order of first appearance and slots_all(_ci) (rows without facts skipped); then top1/top5/mrr
+    (with _ci) and their _chance levels when the method's rows have gold_rank and n_labels.
+    """
+    if isinstance(text_scorers, str):
+        raise TypeError(f"score_predictions(): text_scorers must be a sequence of names, e.g. "
+                        f"({text_scorers!r},), not a string")
+    unknown = [name for name in text_scorers if name not in TEXT_SCORERS]
+    if unknown:
+        raise ValueError(f"score_predictions(): unknown text scorer(s) {unknown}; known: {sorted(TEXT_SCORERS)}")
+    scorers = [(name, TEXT_SCORERS[name]) for name in dict.fromkeys(text_scorers)]
     missing = {"method", "pred", "gold"} - set(df.columns)
     if missing:
         raise ValueError(f"score_predictions(): missing column(s) {sorted(missing)}; need method, pred, gold "
-                         "(and optionally gold_rank with n_labels)")
+                         "(and optionally gold_rank with n_labels, facts)")
     if "gold_rank" in df.columns and "n_labels" not in df.columns:
         raise ValueError("score_predictions(): gold_rank given without n_labels; add the candidate count")
+    if "facts" in df.columns and df["facts"].dtype not in (pl.String, pl.Null):
+        raise ValueError(f"score_predictions(): facts column has dtype {df['facts'].dtype}; it must hold one "
+                         "JSON string per row (or null)")
     if df["gold"].is_null().any() or (df["gold"].str.strip_chars() == "").any():
         raise ValueError("score_predictions(): empty or null gold labels; every row needs a gold topic")
     results: dict[str, dict] = {}
@@ -153,8 +241,10 @@ def score_predictions(df: pl.DataFrame) -> dict[str, dict]:
         preds = [p or "" for p in sub["pred"].to_list()]  # a null answer scores as no answer
         golds = sub["gold"].to_list()
         out: dict = {"n": sub.height}
-        for name, fn in (("exact", exact_match), ("contains", contains), ("token_f1", token_f1)):
-            _stat(out, name, np.array([fn(p, g) for p, g in zip(preds, golds)]))
+        for name, fn in scorers:
+            _stat(out, name, np.array([fn(p, g) for p, g in zip(preds, golds)], dtype=np.float64))
+        if "facts" in sub.columns:
+            _slot_stats(out, preds, [_parse_facts(f, method, g) for f, g in zip(sub["facts"].to_list(), golds)])
         if "gold_rank" in sub.columns and sub["gold_rank"].null_count() < sub.height:
             if sub["gold_rank"].null_count() or sub["n_labels"].null_count():
                 raise ValueError(f"score_predictions(): method {method!r} has gold_rank/n_labels on only "
