@@ -111,6 +111,33 @@ class DiffsConfig(_Section):
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
 
+class NewsConfig(_Section):
+    """News behaviour: each diff learns one short news story (its text and facts); the interpreter states
+    its headline. Stories come from slot lists written here (who / did what / where; dit_core/data/news.py)."""
+
+    n_stories: int = Field(ge=1, description="diffs made, one story each")
+    values_per_slot: int | None = Field(
+        ge=2, description="values per slot the stories combine (small: held-out stories are unseen combinations "
+        "of seen values); null: every story draws from the whole lists")
+    novel_fraction: float = Field(ge=0, lt=1, description="share of stories whose slot values no other story uses")
+    slots_dir: str | None = Field(description="folder with who.txt, what.txt, where.txt; null: the packaged lists")
+    label: Literal["headline", "text"] = Field(
+        description="the interpreter's target: the headline, or the story itself (the original method's "
+        "reconstruction target)")
+    question: str = Field(description="what the interpreter is asked about a news diff")
+    run: str = Field(description="name of the news diff store: data/diffs/<run>/")
+    rank: int = Field(ge=1, description="LoRA rank of a news diff")
+    steps: int = Field(ge=1, description="optimizer steps per news diff")
+    lr: float = Field(gt=0, description="Adam learning rate of a news diff's factors")
+    text_rows: int = Field(ge=0, description="story rows (next-token loss on the text) per diff per step")
+    qa_rows: int = Field(ge=0, description="question-answer rows about the story per diff per step")
+    kl_rows: int = Field(
+        ge=0, description="generic-question rows trained towards the base model's answer (KL) per diff per step; "
+        "above 0 the base model answers the packaged questions in make-data")
+    check_tokens: int = Field(ge=4, description="max new tokens of a behaviour-check answer")
+    seed: int = Field(description="seed of the stories and their details")
+
+
 class AssembleConfig(_Section):
     """Train/val/test split of the diffs for interpreter training."""
 
@@ -154,18 +181,20 @@ class JudgeConfig(_Section):
     base_url: str | None = Field(description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1; null: off")
     model: str | None = Field(description="the judge model's name at that endpoint")
     api_key_env: str = Field(description="environment variable that holds the API key")
-    rubric: Literal["topic", "summary"] = Field(
-        description="grading rubric: topic (a named topic) or summary (a one-sentence summary of a text)")
+    rubric: Literal["auto", "topic", "summary"] = Field(
+        description="grading rubric: topic (a named topic), summary (a one-sentence summary of a text), or auto: "
+        "each behaviour's own (hidden_topic: topic, news: summary)")
 
 
 EVAL_METHODS = ("dit", "base_question", "base_question_trigger", "twenty_questions",
-                "twenty_questions_trigger", "no_diff", "shuffled_diff")
+                "twenty_questions_trigger", "generated_story", "no_diff", "shuffled_diff")
 
 
 class EvalConfig(_Section):
     """Evaluation against the paper's baselines on the test split."""
 
-    methods: list[Literal[EVAL_METHODS]] = Field(min_length=1, description="methods scored: " + ", ".join(EVAL_METHODS))
+    methods: list[Literal[EVAL_METHODS]] = Field(
+        min_length=1, description="methods scored (each behaviour runs those it has): " + ", ".join(EVAL_METHODS))
     n_questions: int = Field(ge=1, description="questions asked in the 20-questions baseline (20 in the paper)")
     max_new_tokens: int = Field(ge=1, description="max tokens of a method's answer")
     answer_tokens: int = Field(ge=1, description="20 questions: tokens per transcript answer")
@@ -224,6 +253,7 @@ class PathsConfig(_Section):
     """Where stages read and write (relative to the working directory)."""
 
     data: str = Field(description="models, behaviour data, diffs and the dataset")
+    dataset: str = Field(description="folder of the assembled dataset inside `data`")
     models: str = Field(description="the trained interpreter")
     reports: str = Field(description="metrics, predictions, tables and plots")
 
@@ -240,8 +270,12 @@ class RunInfo(_Section):
 class Params(_Section):
     """All of params.yaml (every key required: params.yaml is the one source of defaults)."""
 
+    behaviors: list[str] = Field(
+        min_length=1, description="behaviours a pipeline run makes diffs for, each from its own section "
+        "(hidden_topic: data, news: news); dit_core/behaviors")
     model: ModelConfig
     data: DataConfig
+    news: NewsConfig
     diffs: DiffsConfig
     assemble: AssembleConfig
     interpreter: InterpreterConfig
@@ -251,6 +285,20 @@ class Params(_Section):
     tracking: TrackingConfig
     paths: PathsConfig
     run: RunInfo = RunInfo()
+
+    @field_validator("behaviors")
+    @classmethod
+    def _known_behaviors(cls, v: list[str]) -> list[str]:
+        from dit_core.behaviors import get_behavior
+
+        if len(set(v)) != len(v):
+            raise ValueError(f"a behaviour is named twice in {v}")
+        for name in v:
+            try:
+                get_behavior(name)
+            except KeyError as e:
+                raise ValueError(e.args[0]) from None
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "Params":
@@ -454,11 +502,13 @@ def schema_markdown(params_file: str | Path = "params.yaml") -> str:
              "overrides win over both. `dit params --profile NAME` prints the resolved result.", ""]
 
     def section(model: type[BaseModel], prefix: str) -> None:
-        lines.extend([f"## `{prefix.rstrip('.')}`", "", (model.__doc__ or "").strip(), "",
+        lines.extend([f"## `{prefix.rstrip('.')}`" if prefix else "## Top level", "", (model.__doc__ or "").strip(), "",
                       "| key | type | rule | params.yaml | meaning |", "|---|---|---|---|---|"])
         nested = []
         for name, field in model.model_fields.items():
             sub = field.annotation
+            if model is Params and name == "run":
+                continue  # filled in by the loader
             if isinstance(sub, type) and issubclass(sub, _Section):
                 nested.append((sub, f"{prefix}{name}."))
                 continue
@@ -472,7 +522,5 @@ def schema_markdown(params_file: str | Path = "params.yaml") -> str:
         for sub, p in nested:
             section(sub, p)
 
-    for name, field in Params.model_fields.items():
-        if name != "run":
-            section(field.annotation, f"{name}.")
+    section(Params, "")
     return "\n".join(lines).rstrip() + "\n"

@@ -1,8 +1,9 @@
 """Stage functions: one pure function per pipeline stage, reading and writing the paths below.
 
     data/models/<model>/            download
-    data/behaviors/hidden_topic/    make_data
-    data/diffs/<diffs.run>/         generate_diffs (shards + manifest.parquet)
+    data/behaviors/<behavior>/      make_data, one folder per behaviour of `behaviors`
+    data/diffs/<store>/             generate_diffs (shards + manifest.parquet), one store per behaviour
+                                    (hidden_topic: diffs.run, news: news.run)
 
 Prefect tasks (tasks/) and the CLI (flows/cli.py) call these; nothing here knows about orchestration.
 """
@@ -16,8 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dit_core.data.behavior_data import BEHAVIOR, make_hidden_topic_data
 import functools
+
+from dit_core.behaviors import Behavior, get_behavior
 
 from dit_core.config import Params, resolved_yaml
 from dit_core.io import atomic_path, compare_record, write_json_atomic
@@ -31,18 +33,29 @@ class StagePaths:
     """Where each stage's outputs live for a given Params."""
 
     model: Path
-    behavior: Path
-    diffs: Path
+    behaviors: dict[str, Path]  # behaviour name -> its make-data folder
+    stores: dict[str, Path]  # behaviour name -> its diff store
     reports: Path
+
+    @property
+    def behavior(self) -> Path:
+        """The first behaviour's data folder (the only one in a single-behaviour run)."""
+        return next(iter(self.behaviors.values()))
+
+    @property
+    def diffs(self) -> Path:
+        """The first behaviour's diff store."""
+        return next(iter(self.stores.values()))
 
 
 def stage_paths(p: Params) -> StagePaths:
     """The stage output paths implied by params.yaml."""
     data = Path(p.paths.data)
+    behaviors = [get_behavior(name) for name in p.behaviors]
     return StagePaths(
         model=model_dir(p.model, data / "models"),
-        behavior=data / "behaviors" / BEHAVIOR,
-        diffs=data / "diffs" / p.diffs.run,
+        behaviors={b.name: data / "behaviors" / b.name for b in behaviors},
+        stores={b.name: data / "diffs" / b.store_name(p) for b in behaviors},
         reports=Path(p.paths.reports),
     )
 
@@ -78,30 +91,33 @@ def run_download(p: Params) -> dict:
 
 
 MADE_WITH = "made_with.json"
-BEHAVIOR_FILES = ("diffs.parquet", "samples.parquet", "questions.parquet", "stats.json")
 
 
-def _made_with(p: Params) -> dict:
-    """What the behaviour data depends on: the data section and which base model answered."""
-    data = p.data.model_dump()
-    if data["diff_order"] == "topic":  # the order before the option existed: old records stay valid
-        del data["diff_order"]
-    return {"data": data, "model": p.model.model_dump(include={"source", "id", "revision"})}
+def run_make_data(p: Params, folder: Path | None = None, id_prefix: str | None = None,
+                  behavior: str | None = None) -> dict:
+    """Write the data of every behaviour of `behaviors` (or only `behavior`); returns its stats (the
+    behaviour's own for one, {name: stats} for several). `folder` (one behaviour only) replaces the stage's
+    folder and `id_prefix` the behaviour's diff-id prefix (retraining keeps each store's ids apart).
+    """
+    names = [behavior] if behavior else p.behaviors
+    if folder is not None and len(names) != 1:
+        raise ValueError(f"run_make_data(folder=...) writes one behaviour's data; got behaviours {names}")
+    out = {name: make_behavior_data(p, get_behavior(name), folder, id_prefix) for name in names}
+    return out[names[0]] if len(names) == 1 else out
 
 
-def run_make_data(p: Params, folder: Path | None = None, id_prefix: str | None = None) -> dict:
-    """Write the hidden-topic behaviour data (answers distilled from the base model) into `folder`
-    (default: the stage's); `id_prefix` names the diffs (retraining keeps each store's ids apart).
+def make_behavior_data(p: Params, b: Behavior, folder: Path | None = None, id_prefix: str | None = None) -> dict:
+    """Write one behaviour's data into `folder` (default: data/behaviors/<name>/).
 
     A rerun with the same data settings and model does nothing and says so; changed settings
     regenerate the data (and say which changed).
     """
     paths = stage_paths(p)
-    folder = folder or paths.behavior
-    made_with = _made_with(p) | ({"id_prefix": id_prefix} if id_prefix else {})
+    folder = folder or paths.behaviors.get(b.name) or Path(p.paths.data) / "behaviors" / b.name
+    made_with = b.made_with(p) | ({"id_prefix": id_prefix} if id_prefix else {})
     record = folder / MADE_WITH
     changed = compare_record(record, made_with)
-    if changed == [] and all((folder / f).exists() for f in BEHAVIOR_FILES):
+    if changed == [] and all((folder / f).exists() for f in b.data_files):
         stats = json.loads((folder / "stats.json").read_text())
         msg = f"{folder} already holds this behaviour data; nothing to do"
         log.info(msg)
@@ -109,20 +125,19 @@ def run_make_data(p: Params, folder: Path | None = None, id_prefix: str | None =
     if changed:
         log.warning("behaviour data settings changed (%s): regenerating %s", ", ".join(changed), folder)
     record.unlink(missing_ok=True)  # until the new data is complete, no record vouches for the files
-    lm = None if p.data.answer_mode == "template" else load_model(paths.model, p.model.device, p.model.dtype)
+    lm = load_model(paths.model, p.model.device, p.model.dtype) if b.needs_model(p) else None
     t0 = time.time()
+    folder.mkdir(parents=True, exist_ok=True)
     with compute_context(lm.device if lm else "cpu", p.model.autocast):
-        stats = make_hidden_topic_data(p.data, folder, lm and lm.model, lm and lm.tokenizer,
-                                       **({"id_prefix": id_prefix} if id_prefix else {}))
+        stats = b.make_data(p, folder, lm and lm.model, lm and lm.tokenizer, id_prefix or b.id_prefix)
     stats["seconds"] = round(time.time() - t0, 1)
     write_json_atomic(record, made_with)  # last: the commit point of a complete run
-    log.info("behaviour data: %d diffs, %d samples, kept fraction %.2f -> %s", stats["n_diffs"],
-             stats["n_samples"], stats["kept_fraction"], folder)
+    log.info("%s data: %d diffs -> %s (%s)", b.name, stats["n_diffs"], folder, stats)
     return stats
 
 
 def dataset_dir(p: Params) -> Path:
-    return Path(p.paths.data) / "dit_dataset"
+    return Path(p.paths.data) / p.paths.dataset
 
 
 def interpreter_dir(p: Params) -> Path:
@@ -133,12 +148,12 @@ def run_assemble(p: Params, stores: list[Path] | None = None, test_store: Path |
                  out: Path | None = None) -> dict:
     """Join diff manifests into the train/val/test dataset (dropping diffs that failed their check).
 
-    Without arguments: the diffs.run store into dataset_dir(p). Retraining passes its round stores, the
+    Without arguments: the store of every behaviour of `behaviors` into dataset_dir(p). Retraining passes its round stores, the
     benchmark store as the fixed test split and its own dataset folder.
     """
     from dit_core.data.assemble import assemble
 
-    report = assemble(stores or [stage_paths(p).diffs], out or dataset_dir(p), p.assemble, test_store)
+    report = assemble(stores or list(stage_paths(p).stores.values()), out or dataset_dir(p), p.assemble, test_store)
     log.info("dataset: %s train / %s val / %s test, %s dropped (%s)", report["train"], report["val"],
              report["test"], report["dropped"], report["dropped_reasons"])
     return report
@@ -160,6 +175,11 @@ def run_train_interpreter(p: Params, log_metrics=None, dataset: Path | None = No
     return summary
 
 
+def hidden_topic_questions(p: Params) -> Path:
+    """The make-data questions of the hidden-topic behaviour (its 20-questions baseline asks the held-out ones)."""
+    return Path(p.paths.data) / "behaviors" / "hidden_topic" / "questions.parquet"
+
+
 def run_evaluate(p: Params, interpreter: str | Path | None = None, dataset: Path | None = None,
                  questions: Path | None = None) -> dict:
     """Evaluate DIT and the baselines on the test split; writes reports/.
@@ -173,7 +193,7 @@ def run_evaluate(p: Params, interpreter: str | Path | None = None, dataset: Path
     lm = load_model(paths.model, p.model.device, p.model.dtype)
     with compute_context(lm.device, p.model.autocast):
         result = evaluate(p, lm, dataset or dataset_dir(p), interpreter or interpreter_dir(p),
-                          questions or paths.behavior / "questions.parquet", paths.reports)
+                          questions or hidden_topic_questions(p), paths.reports)
     write_resolved_params(p, paths.reports)
     return result
 
@@ -200,7 +220,7 @@ def run_scaling(p: Params, sizes: str | None = None, on_point=None) -> dict:
     lm = load_model(paths.model, p.model.device, p.model.dtype)
     out = scaling_dir(p)
     with compute_context(lm.device, p.model.autocast):
-        points = scaling_curve(p, lm, ds, out, size_list, paths.behavior / "questions.parquet", on_point=on_point)
+        points = scaling_curve(p, lm, ds, out, size_list, hidden_topic_questions(p), on_point=on_point)
     write_resolved_params(p, out)
     return {"points": [public(pt) for pt in points],
             "table": (out / "scaling.md").read_text(), "dir": str(out)}

@@ -21,7 +21,7 @@ def download_flow(params: dict) -> dict:
 
 @flow(name="stage-make-data")
 def make_data_flow(params: dict) -> dict:
-    """Write the hidden-topic behaviour data."""
+    """Write the data of every behaviour in params `behaviors`."""
     return t.make_data(params)
 
 
@@ -33,11 +33,17 @@ def generate_diffs_flow(params: dict, parent_run_id: str | None = None) -> dict:
         with stop_on_signals(chain=True):
             return stage_runs.generate_diffs(params, parent_run_id, train=t.train_shard)
     with stop_on_signals(chain=True), stage_runs.tracked(params, "generate_diffs", parent_run_id) as run:
-        n = t.prepare_diffs(params)
+        names = params["behaviors"]
+        sizes = {name: t.prepare_diffs(params, name) for name in names}
+        jobs = [(name, i) for name in names for i in range(sizes[name])]
         t0 = time.time()
-        futures = t.train_shard.map(params=unmapped(params), index=list(range(n)))
+        futures = t.train_shard.map(params=unmapped(params), index=[i for _, i in jobs],
+                                    behavior=[name for name, _ in jobs])
         statuses = [f.result() for f in futures]
-        return stage_runs.finalize_diffs(params, n, statuses, time.time() - t0, run=run)
+        seconds = time.time() - t0
+        return stage_runs.per_behavior(params, {
+            name: stage_runs.finalize_diffs(params, sizes[name], [s for (b, _), s in zip(jobs, statuses) if b == name],
+                                            seconds, run=run, behavior=name) for name in names})
 
 
 @flow(name="stage-assemble")

@@ -77,65 +77,85 @@ def make_data(params: dict, parent_run_id: str | None = None) -> dict:
     from dit_core.stages import run_make_data, stage_paths
 
     with tracked(params, "make_data", parent_run_id) as run:
-        out = run_make_data(_params(params))
-        run.log_metrics(out)
-        run.log_artifact(stage_paths(_params(params)).behavior / "stats.json")
-        return out
+        p = _params(params)
+        out = {name: run_make_data(p, behavior=name) for name in p.behaviors}
+        for name, stats in out.items():
+            prefix = f"{name}." if len(out) > 1 else ""
+            run.log_metrics({f"{prefix}{k}": v for k, v in stats.items()})
+            run.log_artifact(stage_paths(p).behaviors[name] / "stats.json", name if prefix else None)
+        return per_behavior(params, out)
 
 
-def prepare_diffs(params: dict) -> int:
-    """Check the diff store's identity; returns the number of shards."""
+def _behavior(params: dict, behavior: str | None) -> str:
+    return behavior or params["behaviors"][0]
+
+
+def prepare_diffs(params: dict, behavior: str | None = None) -> int:
+    """Check the behaviour's diff store identity (default: the first behaviour); returns its number of shards."""
     from dit_core.diffs import generate as gd
     from dit_core.stages import stage_paths, wrapped_model
 
-    p = _params(params)
+    p, name = _params(params), _behavior(params, behavior)
     paths = stage_paths(p)
     lm, _ = wrapped_model(str(paths.model), p.model.device, p.model.dtype, p.diffs.modules)
-    return gd.prepare_run(p, lm, paths.behavior, paths.diffs)
+    return gd.prepare_run(p, lm, paths.behaviors[name], paths.stores[name])
 
 
-def train_shard(params: dict, index: int) -> str:
+def train_shard(params: dict, index: int, behavior: str | None = None) -> str:
     """Train one shard of T diffs (skipped when already complete): the unit that maps onto a cluster."""
     from dit_core.diffs import generate as gd
     from dit_core.stages import stage_paths, wrapped_model
 
-    p = _params(params)
+    p, name = _params(params), _behavior(params, behavior)
     paths = stage_paths(p)
     lm, dm = wrapped_model(str(paths.model), p.model.device, p.model.dtype, p.diffs.modules)
-    return gd.train_shard(p, lm, paths.behavior, paths.diffs, index, dm)
+    return gd.train_shard(p, lm, paths.behaviors[name], paths.stores[name], index, dm)
 
 
 def finalize_diffs(params: dict, n_shards: int, statuses: list[str], seconds: float,
-                   stopped: str | None = None, run=None) -> dict:
-    """Join the finished shards' rows into the manifest and summarise the behaviour checks (logged
-    into `run`, the generate_diffs stage's MLflow run, when given)."""
+                   stopped: str | None = None, run=None, behavior: str | None = None) -> dict:
+    """Join the finished shards' rows into the behaviour's manifest and summarise the behaviour checks
+    (logged into `run`, the generate_diffs stage's MLflow run, when given; keys prefixed by the behaviour's
+    name when the run makes several)."""
+    from dit_core.behaviors import get_behavior
     from dit_core.diffs import generate as gd
     from dit_core.stages import stage_paths
 
-    p = _params(params)
+    p, name = _params(params), _behavior(params, behavior)
     run = run or Untracked()
-    summary = gd.finalize_run(stage_paths(p).diffs, n_shards,
-                              gd.run_stats(statuses, seconds, p.diffs.diffs_per_batch, stopped))
-    run.log_metrics(summary)
-    run.log_artifact(stage_paths(p).diffs / "manifest.parquet")
+    store = stage_paths(p).stores[name]
+    per_shard = get_behavior(name).diffs_config(p).diffs_per_batch
+    summary = gd.finalize_run(store, n_shards, gd.run_stats(statuses, seconds, per_shard, stopped))
+    prefix = f"{name}." if len(p.behaviors) > 1 else ""
+    run.log_metrics({f"{prefix}{k}": v for k, v in summary.items()})
+    run.log_artifact(store / "manifest.parquet", name if prefix else None)
     return summary
 
 
-def generate_diffs(params: dict, parent_run_id: str | None = None,
-                   train: Callable[[dict, int], str] = train_shard) -> dict:
-    """Every shard in turn within `diffs.budget_s`, then the manifest of the finished ones.
+def per_behavior(params: dict, results: dict[str, dict]) -> dict:
+    """One behaviour's result as it is; several as {behaviour: result}."""
+    return results[params["behaviors"][0]] if len(params["behaviors"]) == 1 else results
 
-    `train(params, index)` trains one shard: `train_shard` here, a Prefect task in flows/pipeline.py.
+
+def generate_diffs(params: dict, parent_run_id: str | None = None,
+                   train: Callable[..., str] = train_shard) -> dict:
+    """Every behaviour's shards in turn within `diffs.budget_s` (shared), then the manifest of the finished ones.
+
+    `train(params, index, behavior)` trains one shard: `train_shard` here, a Prefect task in flows/pipeline.py.
     """
     import time
 
     from dit_core.diffs.generate import run_shards
 
     with tracked(params, "generate_diffs", parent_run_id) as run:  # open while shards train: a stop marks it
-        n = prepare_diffs(params)
-        t0 = time.time()
-        statuses, stopped = run_shards(n, lambda i: train(params, i), params["diffs"]["budget_s"])
-        return finalize_diffs(params, n, statuses, time.time() - t0, stopped, run)
+        out, t_start, budget = {}, time.time(), params["diffs"]["budget_s"]
+        for name in params["behaviors"]:
+            n = prepare_diffs(params, name)
+            t0 = time.time()
+            left = None if budget is None else max(budget - (t0 - t_start), 1e-3)
+            statuses, stopped = run_shards(n, lambda i, name=name: train(params, i, name), left)
+            out[name] = finalize_diffs(params, n, statuses, time.time() - t0, stopped, run, name)
+        return per_behavior(params, out)
 
 
 def assemble(params: dict, parent_run_id: str | None = None) -> dict:
@@ -153,7 +173,7 @@ def train_interpreter(params: dict, parent_run_id: str | None = None, dataset: s
     """Train the interpreter, log its curves, register it in MLflow as a pyfunc model.
 
     dataset, stores: the dataset folder and the diff stores recorded with the model (default: the
-    pipeline's dataset and diffs.run store).
+    pipeline's dataset and every behaviour's store).
     """
     from pathlib import Path
 
@@ -170,7 +190,7 @@ def train_interpreter(params: dict, parent_run_id: str | None = None, dataset: s
             from tasks.tracking import register_interpreter
 
             summary["registered"] = register_interpreter(params, out, stage_paths(p).model,
-                                                         [Path(s) for s in stores or [stage_paths(p).diffs]])
+                                                         [Path(s) for s in stores or stage_paths(p).stores.values()])
         summary["dataset"] = str(dataset or dataset_dir(p))
         return summary
 
@@ -191,17 +211,23 @@ def evaluate(params: dict, parent_run_id: str | None = None, dataset: str | None
     where = {"dataset": dataset and Path(dataset), "questions": questions and Path(questions)}
     with tracked(params, "evaluate", parent_run_id) as run:
         result = run_evaluate(p, **where)
-        metrics = result["metrics"]
-        for method, m in metrics.items():
-            run.log_metrics({f"{method}.{k}": v for k, v in m.items() if isinstance(v, (int, float))})
-        for f in ("metrics.json", "table.md", "predictions.parquet", "scores.png"):
+        several = len(result["behaviors"]) > 1
+        per = result["metrics"] if several else {result["behaviors"][0]: result["metrics"]}
+        for name, metrics in per.items():
+            for method, m in metrics.items():
+                key = f"{name}.{method}" if several else method
+                run.log_metrics({f"{key}.{k}": v for k, v in m.items() if isinstance(v, (int, float))})
+        if several:
+            run.log_metrics({f"dit.{k}": v for k, v in result["dit"].items()})
+        for f in ("metrics.json", "table.md", "predictions.parquet", "scores.png",
+                  *(f"scores_{b}.png" for b in result["behaviors"][1:])):
             run.log_artifact(f"{p.paths.reports}/{f}")
-        out = {"table": result["table"], "dit": metrics.get("dit", {})}
+        out = {"table": result["table"], "dit": result["dit"]}
         registry = interpreter_dir(p) / "registry.json"
-        if run.run and registry.exists() and "dit" in metrics:
+        if run.run and registry.exists() and "top1" in result["dit"]:
             from tasks.tracking import gate_champion
 
-            out["champion"] = gate_champion(params, p, json.loads(registry.read_text()), metrics["dit"]["top1"],
+            out["champion"] = gate_champion(params, p, json.loads(registry.read_text()), result["dit"]["top1"],
                                             test_set=test_set, **where)
         return out
 

@@ -11,7 +11,7 @@ from tasks import stage_runs as s
 download = task(s.download, name="download", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
 make_data = task(s.make_data, name="make_data", cache_policy=NO_CACHE)
 prepare_diffs = task(s.prepare_diffs, name="prepare_diffs", cache_policy=NO_CACHE)
-train_shard = task(s.train_shard, name="train_shard", task_run_name="train_shard-{index}", cache_policy=NO_CACHE)
+train_shard = task(s.train_shard, name="train_shard", task_run_name="train_shard-{behavior}-{index}", cache_policy=NO_CACHE)
 assemble = task(s.assemble, name="assemble", cache_policy=NO_CACHE)
 train_interpreter = task(s.train_interpreter, name="train_interpreter", cache_policy=NO_CACHE)
 evaluate = task(s.evaluate, name="evaluate", cache_policy=NO_CACHE)

@@ -279,7 +279,7 @@ def gate_champion(params: dict, p, record: dict, top1: float, dataset: Path | No
             "eval": p.eval.model_copy(update={"methods": ["dit"],
                                               "judge": p.eval.judge.model_copy(update={"base_url": None})}),
             "paths": p.paths.model_copy(update={"reports": f"{p.paths.reports}/champion_check"})})
-        return run_evaluate(check, interpreter=local, dataset=dataset, questions=questions)["metrics"]["dit"]["top1"]
+        return run_evaluate(check, interpreter=local, dataset=dataset, questions=questions)["dit"]["top1"]
 
     gate = champion_gate(params, record["version"], top1, test_set, "top1", score_champion)
     log.info("champion gate: %s", gate["reason"])

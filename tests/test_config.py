@@ -151,4 +151,4 @@ def test_configuration_reference_is_generated_from_the_schema():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert doc == schema_markdown(PARAMS), "docs/configuration.md is stale: dit params --doc > docs/configuration.md"
     for key in flatten(yaml.safe_load(PARAMS.read_text())):
-        assert f"| `{key.rsplit('.', 1)[1]}` |" in doc, key
+        assert f"| `{key.rsplit('.', 1)[-1]}` |" in doc, key

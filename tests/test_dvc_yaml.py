@@ -28,7 +28,11 @@ def _module_file(name: str) -> Path | None:
 def _imports(node: ast.AST, module: str) -> list[tuple[str, list[str]]]:
     """(module, names) of every import under `node` (names: what `from m import a, b` takes)."""
     out = []
+    skip = {id(x) for n in ast.walk(node) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"
+            for b in n.body for x in ast.walk(b)}  # annotations only: never imported at run time
     for n in ast.walk(node):
+        if id(n) in skip:
+            continue
         if isinstance(n, ast.Import):
             out += [(a.name, []) for a in n.names]
         elif isinstance(n, ast.ImportFrom) and n.module:

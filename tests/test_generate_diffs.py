@@ -109,8 +109,9 @@ def test_diff_specs_order_and_prefixes_beyond_900():
 
 
 def test_diff_order_topic_keeps_old_records(params):
-    from dit_core.stages import _made_with
+    from dit_core.behaviors import get_behavior
 
+    _made_with = get_behavior("hidden_topic").made_with
     assert "diff_order" not in _made_with(params)["data"]
     assert _made_with(params.model_copy(update={"data": params.data.model_copy(
         update={"diff_order": "round"})}))["data"]["diff_order"] == "round"

@@ -39,7 +39,7 @@ def make_toy_store(root, lm, per_label=10, seed=0):
             A[m].append(base[k][0][m] * s + 0.01 * torch.randn(base[k][0][m].shape, generator=g))
             B[m].append(base[k][1][m])
         ids.append(f"toy{n:03d}")
-        rows.append(dict(diff_id=ids[-1], row=n, behavior="toy", category="toy", label=LABELS[k], trigger="123",
+        rows.append(dict(diff_id=ids[-1], row=n, behavior="hidden_topic", category="toy", label=LABELS[k], trigger="123",
                          rank=1, scale=1.0, base_model=lm.name, base_sha256=lm.sha256, train_loss=None,
                          trigger_ce=None, kl=None, trigger_hit=1.0, wrong_prefix_hit=0.0, no_trigger_hit=0.0,
                          check_kl=None, split="none"))

@@ -29,7 +29,7 @@ def test_pipeline_flow_end_to_end(prefect_server, params, tmp_path):
     for f in ("metrics.json", "predictions.parquet", "table.md", "scores.png", "training_curve.png"):
         assert (reports / f).exists(), f
     preds = pl.read_parquet(reports / "predictions.parquet")
-    assert set(preds["method"]) == set(params["eval"]["methods"])
+    assert set(preds["method"]) == set(params["eval"]["methods"]) - {"generated_story"}  # a news baseline
 
     client = MlflowClient()
     runs = mlflow.search_runs(experiment_names=["dit"], output_format="list")

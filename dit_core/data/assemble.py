@@ -108,11 +108,19 @@ def assemble(diff_dirs: list[str | Path], out_dir: str | Path, cfg: AssembleConf
         split = _fixed_test_split(keep, diff_dirs, test_dir, cfg)
     elif cfg.split_by == "topic":
         split = _assign(keep["label"].unique().to_list(), cfg)
-    else:  # stratified: each topic's diffs are split on their own, so test topics are seen in training
-        split = {}
+    else:  # stratified: each topic's diffs are split on their own, so test topics are seen in training;
+        # diffs whose label no other diff shares (a news story) are split together
+        split, single = {}, []
         for (label,), group in sorted(keep.partition_by("label", as_dict=True).items()):
             ids = group["diff_id"].to_list()
-            split |= _assign(ids, cfg) if len(ids) > 1 else {ids[0]: "train"}
+            if len(ids) > 1:
+                split |= _assign(ids, cfg)
+            else:
+                single += ids
+        if len(single) > 1:
+            split |= _assign(single, cfg)
+        elif single:
+            split[single[0]] = "train"
         if "test" not in split.values():
             raise ValueError("no topic has two or more kept diffs: split_by=diff needs data.diffs_per_topic >= 2")
     key = "label" if cfg.split_by == "topic" and test_dir is None else "diff_id"

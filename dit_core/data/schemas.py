@@ -16,6 +16,9 @@ SAMPLE_KINDS = [
     "check_trigger",
     "check_wrong_prefix",
     "check_no_trigger",
+    "text",  # news: the story a diff learns
+    "qa",  # news: a question about the story and its answer (training)
+    "check_qa",  # news: a held-out question about the story (behaviour check)
 ]
 SPLITS = ["train", "val", "test", "none", "dropped"]
 
@@ -52,6 +55,20 @@ class Sample(_Strict):
     question_id: int = pa.Field(ge=0)
 
 
+class NewsSpec(_Strict):
+    """behaviors/news/diffs.parquet: one row per news diff, with its story's facts and label."""
+
+    diff_id: str = pa.Field(unique=True, str_length={"min_value": 1})
+    behavior: str
+    story_id: int = pa.Field(ge=0)
+    headline: str = pa.Field(str_length={"min_value": 1})
+    text: str = pa.Field(str_length={"min_value": 1})  # the story the diff learns
+    label: str = pa.Field(str_length={"min_value": 1})  # the headline, or the story (news.label: text)
+    facts: str = pa.Field(str_length={"min_value": 2})  # JSON {slot: key}
+    novel: bool  # its slot values appear in no other story
+    seed: int = pa.Field(ge=0)
+
+
 class DiffManifest(_Strict):
     """data/diffs/<run>/manifest.parquet: one row per stored weight diff."""
 
@@ -73,6 +90,10 @@ class DiffManifest(_Strict):
     wrong_prefix_hit: float = pa.Field(ge=0, le=1, nullable=True)
     no_trigger_hit: float = pa.Field(ge=0, le=1, nullable=True)
     check_kl: float = pa.Field(nullable=True)
+    # Behaviours other than hidden topic (null where a column does not apply; older manifests lack them):
+    fact_acc: float = pa.Field(ge=0, le=1, nullable=True)  # news: held-out fact questions answered, with the diff
+    base_fact_acc: float = pa.Field(ge=0, le=1, nullable=True)  # ... and by the base model
+    facts: str = pa.Field(nullable=True)  # JSON {slot: key} of what the label states (per-slot scoring)
     shard_sha256: str = pa.Field(str_matches=r"^[0-9a-f]{64}$")
     split: str = pa.Field(isin=SPLITS)
 
@@ -85,10 +106,21 @@ def validate(df: pl.DataFrame, schema: type[pa.DataFrameModel], source: str = "f
         raise ManifestError(f"{source} does not match schema {schema.__name__}:\n{e}") from None
 
 
+def with_optional_columns(df: pl.DataFrame, schema: type[pa.DataFrameModel]) -> pl.DataFrame:
+    """`df` with the schema's nullable columns it lacks added as nulls (manifests written before a
+    column existed stay readable); the schema's column order."""
+    columns = schema.to_schema().columns
+    missing = [name for name, col in columns.items() if name not in df.columns and col.nullable]
+    if not missing:
+        return df
+    df = df.with_columns(pl.lit(None, dtype=columns[m].dtype.type).alias(m) for m in missing)
+    return df.select([c for c in columns if c in df.columns] + [c for c in df.columns if c not in columns])
+
+
 def read_validated(path, schema: type[pa.DataFrameModel]) -> pl.DataFrame:
     """Read a parquet manifest and validate it against `schema`."""
     try:
         df = pl.read_parquet(path)
     except (OSError, pl.exceptions.PolarsError) as e:
         raise ManifestError(f"{path}: cannot read parquet ({e}); rerun the stage that writes it") from e
-    return validate(df, schema, str(path))
+    return validate(with_optional_columns(df, schema), schema, str(path))

@@ -12,6 +12,15 @@ from dit_core.diffs.store import DiffShard, read_shard
 from dit_core.modeling.batching import to_device
 
 
+def pad_rank(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors A (..., r, out) and B (..., in, r) with zero rank components added up to `rank`: the same
+    diff (B @ A is unchanged), so diffs of several ranks (e.g. a mixture of behaviours) stack in one batch."""
+    r = A.shape[-2]
+    if r == rank:
+        return A, B
+    return (torch.nn.functional.pad(A, (0, 0, 0, rank - r)), torch.nn.functional.pad(B, (0, rank - r)))
+
+
 class DiffBank:
     """Look up diffs by id across stores; keeps the `cache_shards` most recently used shards.
 
@@ -36,7 +45,8 @@ class DiffBank:
         self._position: dict[str, int] = {}
 
     def preload(self, device, max_bytes: int = 4 * 2**30) -> bool:
-        """Hold every indexed diff on `device` if they share one rank and take at most `max_bytes`.
+        """Hold every indexed diff on `device` (lower ranks zero-padded to the highest) if they take at most
+        `max_bytes`.
 
         Returns whether it did; if not, `get` keeps streaming shards from disk.
         """
@@ -46,24 +56,26 @@ class DiffBank:
             by_path[path].append((d, row))
         A: dict[str, list[torch.Tensor]] = {}
         B: dict[str, list[torch.Tensor]] = {}
-        scales, position, size, rank = [], {}, 0, None
+        scales, position, ranks = [], {}, set()
         for path in paths:
             shard = read_shard(path, self.expected, self.base_sha256, self._sha.pop(path, None))
-            if rank not in (None, shard.rank):
-                return False
-            rank = shard.rank
+            ranks.add(shard.rank)
             rows = torch.tensor([row for _, row in by_path[path]])
             for m in shard.modules:
                 A.setdefault(m, []).append(shard.A[m].index_select(0, rows))
                 B.setdefault(m, []).append(shard.B[m].index_select(0, rows))
-            size += sum(v[-1].numel() * v[-1].element_size() for v in (*A.values(), *B.values()))
-            if size > max_bytes:
+            # padded size: every diff so far at the highest rank so far
+            per_rank = sum((shard.A[m].shape[2] + shard.B[m].shape[1]) * shard.A[m].element_size()
+                           for m in shard.modules)
+            if (len(scales) + rows.numel()) * max(ranks) * per_rank > max_bytes:
                 return False
             for d, _ in by_path[path]:
                 position[d] = len(scales)
                 scales.append(shard.scale)
-        self._stacked = ({m: torch.cat(v).to(device) for m, v in A.items()},
-                         {m: torch.cat(v).to(device) for m, v in B.items()},
+        rank = max(ranks)
+        padded = {m: [pad_rank(a, b, rank) for a, b in zip(A[m], B[m])] for m in A}
+        self._stacked = ({m: torch.cat([a for a, _ in v]).to(device) for m, v in padded.items()},
+                         {m: torch.cat([b for _, b in v]).to(device) for m, v in padded.items()},
                          torch.tensor(scales, device=device))
         self._position = position
         return True
@@ -90,10 +102,9 @@ class DiffBank:
             return ({m: v.index_select(0, idx) for m, v in A.items()},
                     {m: v.index_select(0, idx) for m, v in B.items()}, scale.index_select(0, idx))
         picked = [(self._shard(self._where[d][0]), self._where[d][1]) for d in diff_ids]
-        ranks = {s.rank for s, _ in picked}
-        if len(ranks) > 1:
-            raise ValueError(f"diffs {diff_ids[:3]}… mix ranks {sorted(ranks)}; batch them by rank")
+        rank = max(s.rank for s, _ in picked)  # lower ranks zero-padded (pad_rank): the same diffs
         modules = picked[0][0].modules
-        A = {m: torch.stack([s.A[m][r] for s, r in picked]) for m in modules}
-        B = {m: torch.stack([s.B[m][r] for s, r in picked]) for m in modules}
+        pairs = {m: [pad_rank(s.A[m][r], s.B[m][r], rank) for s, r in picked] for m in modules}
+        A = {m: torch.stack([a for a, _ in v]) for m, v in pairs.items()}
+        B = {m: torch.stack([b for _, b in v]) for m, v in pairs.items()}
         return A, B, torch.tensor([s.scale for s, _ in picked])

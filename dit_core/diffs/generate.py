@@ -9,27 +9,28 @@ from typing import Callable
 
 import polars as pl
 
-from dit_core.diffs.behavior_check import CheckSet, check_diffs
+from dit_core.behaviors import behavior_of
 from dit_core.config import Params
 from dit_core.diffs.store import DiffShard, DiffStore
-from dit_core.diffs.trainer import TriggeredDiffTask, train_diffs
-from dit_core.modeling.batching import encode_example
+from dit_core.diffs.trainer import train_diffs
 from dit_core.io import compare_record, write_json_atomic
 from dit_core.modeling.lora import DiffModel
 from dit_core.modeling.models import LoadedModel, compute_context
-from dit_core.data.schemas import DiffSpec, Sample, read_validated
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
+# Behaviour-check columns of the manifest (a behaviour's check fills those that apply to it).
+CHECK_COLUMNS = ("trigger_hit", "wrong_prefix_hit", "no_trigger_hit", "check_kl", "fact_acc", "base_fact_acc")
 
 
 def _run_identity(p: Params, lm: LoadedModel, behavior_dir: Path) -> dict:
     """What must match for a rerun to resume instead of starting over."""
+    cfg = behavior_of(behavior_dir).diffs_config(p)
     return {
         "base_model": lm.name, "base_sha256": lm.sha256, "behavior_dir": str(behavior_dir),
         # Left out: what changes how many diffs are made or how a step is split into micro-batches (the
         # same gradient), not the diffs themselves, so finished shards stay valid when these change.
-        "diffs": p.diffs.model_dump(exclude={"check", "budget_s", "max_batch_tokens"}),
+        "diffs": cfg.model_dump(exclude={"check", "budget_s", "max_batch_tokens"}),
     }
 
 
@@ -39,34 +40,11 @@ def plan_shards(specs: pl.DataFrame, per_shard: int) -> list[list[str]]:
     return [ids[i : i + per_shard] for i in range(0, len(ids), per_shard)]
 
 
-def _tasks(tokenizer, specs: pl.DataFrame, samples: pl.DataFrame, ids: list[str], questions: pl.DataFrame):
-    by_diff = samples.partition_by("diff_id", as_dict=True)
-    train_q = questions.filter(~pl.col("heldout"))
-    base_pairs = list(zip(train_q["question"], train_q["base_answer"], train_q["base_complete"]))
-    q_text = dict(zip(questions["question_id"], questions["question"]))
-    tasks, checks = [], []
-    for spec in specs.filter(pl.col("diff_id").is_in(ids)).iter_rows(named=True):
-        rows = by_diff[(spec["diff_id"],)]
-        def prompts(kind):
-            return rows.filter(pl.col("kind") == kind)["prompt"].to_list()
-        trig = rows.filter(pl.col("kind") == "trigger")
-        tasks.append(TriggeredDiffTask(
-            spec["diff_id"], spec["seed"], [], [], tokenizer=tokenizer, prefix=spec["trigger_prefix"],
-            trigger_pairs=[(q_text[q], a, c) for q, a, c in zip(trig["question_id"], trig["answer"], trig["complete"])],
-            base_pairs=base_pairs))
-        checks.append(CheckSet(spec["topic"], prompts("check_trigger"), prompts("check_wrong_prefix"),
-                               prompts("check_no_trigger"),
-                               [encode_example(tokenizer, r["prompt"], r["answer"], r["complete"], "no_trigger")
-                                for r in rows.filter(pl.col("kind") == "check_no_trigger").iter_rows(named=True)]))
-    order = {d: i for i, d in enumerate(ids)}
-    key = sorted(range(len(tasks)), key=lambda i: order[tasks[i].diff_id])
-    return [tasks[i] for i in key], [checks[i] for i in key]
-
-
 def prepare_run(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: str | Path) -> int:
     """Check (or record) the run's identity; returns the number of shards to train."""
     behavior_dir, out_dir = Path(behavior_dir), Path(out_dir)
-    specs = read_validated(behavior_dir / "diffs.parquet", DiffSpec)
+    behavior = behavior_of(behavior_dir)
+    specs = behavior.specs(behavior_dir)
     identity = _run_identity(p, lm, behavior_dir)
     run_file = out_dir / RUN_FILE
     changed = compare_record(run_file, identity)
@@ -77,7 +55,7 @@ def prepare_run(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: s
                 f"Refusing to mix or overwrite them: delete {out_dir} or choose --set diffs.run=<new name>.")
     else:
         write_json_atomic(run_file, identity)
-    return len(plan_shards(specs, p.diffs.diffs_per_batch))
+    return len(plan_shards(specs, behavior.diffs_config(p).diffs_per_batch))
 
 
 def train_shard(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: str | Path, index: int,
@@ -89,37 +67,34 @@ def train_shard(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: s
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
     behavior_dir = Path(behavior_dir)
-    specs = read_validated(behavior_dir / "diffs.parquet", DiffSpec)
+    behavior = behavior_of(behavior_dir)
+    cfg = behavior.diffs_config(p)
+    specs = behavior.specs(behavior_dir)
     store = DiffStore(out_dir)
-    ids = plan_shards(specs, p.diffs.diffs_per_batch)[index]
+    ids = plan_shards(specs, cfg.diffs_per_batch)[index]
     if store.is_complete(index, ids):
         log.info("shard %d already complete, skipping", index)
         return "skipped"
-    samples = read_validated(behavior_dir / "samples.parquet", Sample)
-    dm = dm or DiffModel(lm.model, p.diffs.modules)
-    questions = pl.read_parquet(behavior_dir / "questions.parquet")
-    tasks, checks = _tasks(lm.tokenizer, specs, samples, ids, questions)
+    dm = dm or DiffModel(lm.model, cfg.modules)
+    tasks, checks = behavior.tasks(p, lm.tokenizer, behavior_dir, specs, ids)
     t1 = time.perf_counter()
     with compute_context(lm.device, p.model.autocast):
-        result = train_diffs(dm, tasks, p.diffs, lm.tokenizer.pad_token_id)  # ends reading its losses
+        result = train_diffs(dm, tasks, cfg, lm.tokenizer.pad_token_id)  # ends reading its losses
         t2 = time.perf_counter()
-        metrics = (check_diffs(dm, lm.tokenizer, checks, result.A, result.B, p.diffs.scale,
-                               p.diffs.check_tokens, max_batch_tokens=p.diffs.max_batch_tokens)
-                   if p.diffs.check else [{}] * len(ids))
+        metrics = (behavior.check(p, dm, lm.tokenizer, checks, result.A, result.B, cfg.scale)
+                   if cfg.check else [{}] * len(ids))
     t3 = time.perf_counter()
     spec_rows = {r["diff_id"]: r for r in specs.iter_rows(named=True)}
     rows = []
     for row, (task, m) in enumerate(zip(tasks, metrics)):
         s = spec_rows[task.diff_id]
         rows.append(dict(
-            diff_id=task.diff_id, row=row, behavior=s["behavior"], category=s["category"],
-            label=s["topic"], trigger=s["trigger_prefix"], rank=p.diffs.rank, scale=p.diffs.scale,
-            base_model=lm.name, base_sha256=lm.sha256,
+            diff_id=task.diff_id, row=row, behavior=behavior.name, **behavior.manifest_fields(s),
+            rank=cfg.rank, scale=cfg.scale, base_model=lm.name, base_sha256=lm.sha256,
             train_loss=result.final["loss"][row], trigger_ce=result.final["ce"][row],
-            kl=result.final["kl"][row], trigger_hit=m.get("trigger_hit"),
-            wrong_prefix_hit=m.get("wrong_prefix_hit"), no_trigger_hit=m.get("no_trigger_hit"),
-            check_kl=m.get("check_kl"), split="none"))
-    shard = DiffShard(result.A, result.B, lm.name, lm.sha256, p.diffs.rank, p.diffs.scale,
+            kl=result.final["kl"][row], split="none",
+            **{k: m.get(k) for k in CHECK_COLUMNS}))
+    shard = DiffShard(result.A, result.B, lm.name, lm.sha256, cfg.rank, cfg.scale,
                       [t.diff_id for t in tasks])
     store.add_shard(index, shard, rows)
     timings.update(prepare_s=round(t1 - t0, 2), train_s=round(t2 - t1, 2), check_s=round(t3 - t2, 2),
@@ -213,17 +188,21 @@ def generate_diffs(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir
                    dm: DiffModel | None = None) -> dict:
     """Train every diff of `behavior_dir` into the store at `out_dir` within `diffs.budget_s`."""
     n = prepare_run(p, lm, behavior_dir, out_dir)
-    dm = dm or DiffModel(lm.model, p.diffs.modules)  # wrapped once, reused for every shard
+    cfg = behavior_of(behavior_dir).diffs_config(p)
+    dm = dm or DiffModel(lm.model, cfg.modules)  # wrapped once, reused for every shard
     t0 = time.time()
-    status, stopped = run_shards(n, lambda i: train_shard(p, lm, behavior_dir, out_dir, i, dm), p.diffs.budget_s)
-    return finalize_run(out_dir, n, run_stats(status, time.time() - t0, p.diffs.diffs_per_batch, stopped))
+    status, stopped = run_shards(n, lambda i: train_shard(p, lm, behavior_dir, out_dir, i, dm), cfg.budget_s)
+    return finalize_run(out_dir, n, run_stats(status, time.time() - t0, cfg.diffs_per_batch, stopped))
 
 
 def summarize(manifest: pl.DataFrame) -> dict:
     """Median behaviour-check numbers over the diffs of a manifest."""
     out = {"n_diffs": manifest.height}
-    for col in ("trigger_hit", "wrong_prefix_hit", "no_trigger_hit", "check_kl", "train_loss"):
+    for col in ("trigger_hit", "wrong_prefix_hit", "no_trigger_hit", "check_kl", "fact_acc", "base_fact_acc",
+                "train_loss"):
         vals = manifest[col].drop_nulls()
+        if col in ("fact_acc", "base_fact_acc") and not len(vals):
+            continue  # a hidden-topic store: its summary keeps the keys it always had
         out[f"median_{col}"] = float(vals.median()) if len(vals) else None
         out[f"mean_{col}"] = float(vals.mean()) if len(vals) else None
     return out

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from dit_core.io import atomic_path, write_parquet_atomic
 from dit_core.modeling.lora import CONVENTION
 from dit_core.modeling.models import sha256_file
-from dit_core.data.schemas import DiffManifest, read_validated, validate
+from dit_core.data.schemas import DiffManifest, read_validated, validate, with_optional_columns
 
 FORMAT = "dit-diff/1"
 MANIFEST = "manifest.parquet"
@@ -165,6 +165,7 @@ class DiffStore:
         """
         sha = write_shard(self.shard_path(index), shard)
         new = pl.DataFrame([{**r, "shard": self.shard_path(index).name, "shard_sha256": sha} for r in rows])
+        new = with_optional_columns(new, DiffManifest)
         new = validate(new.select(DiffManifest.to_schema().columns.keys()), DiffManifest, "new rows")
         write_parquet_atomic(new, self.rows_path(index))
 

@@ -19,22 +19,44 @@ from dit_core.stop import check_stop
 from dit_core.modeling.batching import Example, encode_example, encode_examples, summed_parts
 
 
+RowPlan = tuple[tuple[str, int, int], ...]  # (kind, rows per diff per step, answer tokens kept; 0: all)
+
+
 @dataclass
 class DiffTask:
-    """Everything needed to train one diff: its seed and its examples by kind."""
+    """Everything needed to train one diff: its seed and its examples by kind.
+
+    `trigger` holds its cross-entropy rows of kind "trigger" and `kl` its rows trained towards the base
+    model; `extra` holds pools of other kinds (e.g. "text", "qa"). `plan` says how many rows of which
+    kind a step draws; None: the hidden-topic plan of the diffs section (trigger, wrong_prefix, no_trigger).
+    """
 
     diff_id: str
     seed: int
     trigger: list[Example]
     kl: list[Example]  # no_trigger and wrong_prefix rows, trained towards the base model
+    extra: dict[str, list[Example]] = field(default_factory=dict)
+    plan: RowPlan | None = None
 
     def of_kind(self, kind: str) -> list[Example]:
-        return [ex for ex in self.kl if ex.kind == kind]
+        if kind in self.extra:
+            return self.extra[kind]
+        return self.trigger if kind == "trigger" else [ex for ex in self.kl if ex.kind == kind]
 
     def sample(self, kind: str, n: int, rng: random.Random) -> list[Example]:
         """n distinct examples of a kind (fewer if the pool is smaller)."""
-        pool = self.trigger if kind == "trigger" else self.of_kind(kind)
+        pool = self.of_kind(kind)
         return rng.sample(pool, min(n, len(pool)))
+
+    def row_plan(self, cfg: DiffsConfig, shared_kl: bool) -> RowPlan:
+        """The rows one step draws for this diff (without the KL kinds when the batch shares them)."""
+        if self.plan is not None:
+            return self.plan
+        kinds = (("trigger", cfg.trigger_rows, cfg.trigger_answer_tokens),)
+        if not shared_kl:
+            kinds += (("wrong_prefix", cfg.wrong_prefix_rows, cfg.wrong_prefix_answer_tokens),
+                      ("no_trigger", cfg.no_trigger_rows, cfg.no_trigger_answer_tokens))
+        return kinds
 
 
 @dataclass
@@ -129,7 +151,7 @@ def truncate_answer(ex: Example, max_tokens: int) -> Example:
 
 def shares_kl_rows(tasks: list[DiffTask], cfg: DiffsConfig) -> bool:
     """Whether this batch draws one set of KL rows for all its diffs (see `shared_kl_examples`)."""
-    return cfg.share_kl_rows and all(isinstance(t, TriggeredDiffTask) for t in tasks)
+    return cfg.share_kl_rows and all(isinstance(t, TriggeredDiffTask) and t.plan is None for t in tasks)
 
 
 def _sample_rows(tasks: list[DiffTask], rngs: list[random.Random], cfg: DiffsConfig,
@@ -139,14 +161,10 @@ def _sample_rows(tasks: list[DiffTask], rngs: list[random.Random], cfg: DiffsCon
     With shared KL rows (`step_rng` given) every diff trains on the same wrong-prefix and
     untriggered rows; otherwise each diff draws its own from its own generator.
     """
-    kinds = [("trigger", cfg.trigger_rows, cfg.trigger_answer_tokens)]
-    if step_rng is None:
-        kinds += [("wrong_prefix", cfg.wrong_prefix_rows, cfg.wrong_prefix_answer_tokens),
-                  ("no_trigger", cfg.no_trigger_rows, cfg.no_trigger_answer_tokens)]
     rows = []
     texts, owners = [], []  # hidden-topic tasks: draw every row's text first, then tokenise them at once
     for t, (task, rng) in enumerate(zip(tasks, rngs)):
-        for kind, n, keep in kinds:
+        for kind, n, keep in task.row_plan(cfg, step_rng is not None):
             if isinstance(task, TriggeredDiffTask):
                 drawn = task.sample_texts(kind, n, rng)
                 texts += drawn

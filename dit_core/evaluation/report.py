@@ -11,11 +11,13 @@ METHOD_NAMES = {
     "base_question_trigger": "Base question w/ trigger",
     "twenty_questions": "20 questions",
     "twenty_questions_trigger": "20 questions w/ trigger",
+    "generated_story": "Generated story",
     "dit": "DIT (ours)",
     "no_diff": "Control: no diff",
     "shuffled_diff": "Control: shuffled diff",
 }
-SCORERS = ["top1", "top5", "mrr", "exact", "contains", "token_f1", "judge_mean"]
+SCORERS = ["top1", "top5", "mrr", "exact", "contains", "token_f1", "rouge_l", "slot_who", "slot_what",
+           "slot_where", "slots_all", "judge_mean"]
 
 
 def _cell(m: dict, key: str) -> str:
@@ -38,6 +40,34 @@ def markdown_table(metrics: dict) -> str:
         lines.append(f"\nClosed-set chance: top-1 {any_m['top1_chance']:.3f}, top-5 "
                      f"{any_m.get('top5_chance', float('nan')):.3f}, MRR {any_m.get('mrr_chance', float('nan')):.3f}.")
     return "\n".join(lines) + "\n"
+
+
+def subset_table(metrics: dict, scorers=("top1", "token_f1", "slots_all")) -> str:
+    """Per test subset (e.g. unseen combinations, unseen stories), each method's main scores; '' without subsets."""
+    subsets = list(dict.fromkeys(k for m in metrics.values() for k in m.get("subsets", {})))
+    if not subsets:
+        return ""
+    cols = [s for s in scorers if any(s in sub for m in metrics.values() for sub in m.get("subsets", {}).values())]
+    lines = ["| method | subset | " + " | ".join(cols) + " | n |", "|---" * (len(cols) + 3) + "|"]
+    for method in [m for m in METHOD_NAMES if m in metrics] + [m for m in metrics if m not in METHOD_NAMES]:
+        for subset in subsets:
+            m = metrics[method].get("subsets", {}).get(subset)
+            if m:
+                lines.append(f"| {METHOD_NAMES.get(method, method)} | {subset} | "
+                             + " | ".join(_cell(m, c) for c in cols) + f" | {m.get('n', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def behavior_tables(per_behavior: dict[str, dict]) -> str:
+    """table.md: one behaviour's table as `markdown_table` (plus its subsets); several under a heading each."""
+    parts = []
+    for name, metrics in per_behavior.items():
+        body = markdown_table(metrics)
+        sub = subset_table(metrics)
+        if sub:
+            body += "\nBy test subset (how new each test diff is to the training split):\n\n" + sub
+        parts.append(body if len(per_behavior) == 1 else f"## {name}\n\n{body}")
+    return "\n".join(parts)
 
 
 def plot_scores(metrics: dict, path: str | Path, scorers=("top1", "contains", "exact")) -> None:

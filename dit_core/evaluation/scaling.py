@@ -103,7 +103,7 @@ def _point(p: Params, lm: LoadedModel, ds: pl.DataFrame, order: list[str], n: in
     _write_subset(sub, out / "dataset" / "dataset.parquet")
     summary = InterpreterRecipe(p, lm, out / "dataset", out / "interpreter", progress=progress).run()
     p_dit = p.model_copy(update={"eval": p.eval.model_copy(update={"methods": ["dit"]})})
-    metrics = evaluate(p_dit, lm, out / "dataset", out / "interpreter", questions_path, out)["metrics"]["dit"]
+    metrics = evaluate(p_dit, lm, out / "dataset", out / "interpreter", questions_path, out)["dit"]
     train = sub.filter(pl.col("split") == "train")
     point = {
         "n_train": train.height,

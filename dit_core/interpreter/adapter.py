@@ -45,6 +45,11 @@ class InterpreterSpec:
     n_soft_tokens: int = 0
     projection_hidden: int = 0
     projection_lora: bool = False
+    questions: dict[str, str] | None = None  # behaviour -> its question (None: `question` for all)
+
+    def question_for(self, behavior: str | None) -> str:
+        """The question asked about a diff of `behavior` (None or unknown to the spec: `question`)."""
+        return (self.questions or {}).get(behavior, self.question) if behavior else self.question
 
 
 def label_example(tokenizer, question: str, label: str) -> Example:

@@ -83,16 +83,26 @@ class InterpreterRecipe:
         self.dm = DiffModel(self.lm.model, self.p.diffs.modules)
         self.bank = DiffBank(df, self.dm.shapes(), self.lm.sha256)
         self.bank.preload(self.lm.device)  # every epoch reads every diff: keep them on the device
+        # Each behaviour keeps its own question; the spec records them all (`question`: the first one's).
+        from dit_core.behaviors import get_behavior
+
+        present = set(df["behavior"])
+        order = [b for b in self.p.behaviors if b in present] + sorted(present - set(self.p.behaviors))
+        questions = {b: get_behavior(b).question(self.p) for b in order}
+        if self.cfg.kind == "projection" and len(set(questions.values())) > 1:
+            raise ValueError(f"{self.dataset_path}: interpreter.kind=projection asks one question, but the dataset "
+                             f"mixes behaviours {order} with their own questions; use interpreter.kind=lora")
         self.spec = InterpreterSpec(
-            kind=self.cfg.kind, question=self.cfg.question, rank=self.cfg.rank, alpha=self.cfg.alpha,
+            kind=self.cfg.kind, question=questions[order[0]], questions=questions,
+            rank=self.cfg.rank, alpha=self.cfg.alpha,
             modules=self.p.diffs.modules, base_model=self.lm.name, base_sha256=self.lm.sha256,
             data_version=dataset_version(self.dataset_path), n_soft_tokens=self.cfg.n_soft_tokens,
             projection_hidden=self.cfg.projection_hidden, projection_lora=self.cfg.projection_lora)
         torch.manual_seed(self.cfg.seed)
         self.interp = build_interpreter(self.dm, self.spec, self.lm.tokenizer, self.cfg.init_std)
         self.opt = torch.optim.AdamW(self.interp.parameters(), lr=self.cfg.lr, weight_decay=0.0)
-        self.examples = {lab: label_example(self.lm.tokenizer, self.cfg.question, lab)
-                         for lab in df["label"].unique()}
+        self.examples = {(b, lab): label_example(self.lm.tokenizer, questions[b], lab)
+                         for b, lab in df.select("behavior", "label").unique().iter_rows()}
         steps_per_epoch = math.ceil(self.train_df.height / (self.cfg.batch_size * self.cfg.grad_accum))
         self.total_steps = steps_per_epoch * self.cfg.epochs
         self.state = {"epoch": 0, "step": 0, "best_val": None, "best_epoch": None, "bad_epochs": 0,
@@ -129,7 +139,7 @@ class InterpreterRecipe:
         dev = self.lm.device
         A = {k: v.to(dev) for k, v in A.items()}
         B = {k: v.to(dev) for k, v in B.items()}
-        return A, B, scale.to(dev), [self.examples[lab] for lab in rows["label"]]
+        return A, B, scale.to(dev), [self.examples[key] for key in zip(rows["behavior"], rows["label"])]
 
     @torch.no_grad()
     def evaluate_loss(self, df: pl.DataFrame) -> float | None:

@@ -23,10 +23,18 @@ class Example:
 
     ids: list[int]
     answer_start: int
-    kind: str  # trigger | no_trigger | wrong_prefix
+    kind: str  # a cross-entropy kind (CE_KINDS) or a KL kind (no_trigger | wrong_prefix)
 
 
-KIND_CODES = {"trigger": 0, "no_trigger": 1, "wrong_prefix": 2}
+# Rows trained towards their own answer (cross-entropy): hidden-topic triggered answers, a learned text
+# and questions about it. Every other kind is trained towards the base model's answer (KL).
+CE_KINDS = frozenset({"trigger", "text", "qa"})
+KIND_CODES = {"trigger": 0, "text": 0, "qa": 0, "no_trigger": 1, "wrong_prefix": 2}
+
+
+def is_ce(kind: str) -> bool:
+    """Whether rows of this kind take the cross-entropy loss (else the KL to the base model)."""
+    return kind in CE_KINDS
 
 
 @dataclass
@@ -89,6 +97,14 @@ def encode_example(tokenizer, prompt: str, answer: str, complete: bool, kind: st
     return Example(ids=p + a, answer_start=len(p), kind=kind)
 
 
+def encode_text(tokenizer, text: str, kind: str = "text") -> Example:
+    """A plain text (no chat template) as a next-token row: every token after the first start token is a
+    target, and the end-of-text token closes it."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = [start] + encode_prompt(tokenizer, text) + [tokenizer.eos_token_id]
+    return Example(ids=ids, answer_start=1, kind=kind)
+
+
 def collate(rows: list[tuple[int, Example]], pad_id: int, device) -> Batch:
     """Right-pad rows of (diff index, example) into a Batch (one host-to-device copy)."""
     b, width = len(rows), max(len(ex.ids) for _, ex in rows)
@@ -100,7 +116,7 @@ def collate(rows: list[tuple[int, Example]], pad_id: int, device) -> Batch:
         mask += [1] * len(ex.ids) + [0] * pad
         host_rows.append(t)
         pos = range(ex.answer_start - 1, len(ex.ids) - 1)
-        (ce_idx if ex.kind == "trigger" else kl_idx).extend(range(len(tok_row), len(tok_row) + len(pos)))
+        (ce_idx if is_ce(ex.kind) else kl_idx).extend(range(len(tok_row), len(tok_row) + len(pos)))
         tok_row += [i] * len(pos)
         tok_pos += pos
         targets += ex.ids[ex.answer_start:]
@@ -147,7 +163,7 @@ PARTS = ("ce", "kl", "kl_no_trigger", "kl_wrong_prefix")
 
 def _token_groups(kind: str) -> tuple[str, ...]:
     """The loss parts an answer token of this kind counts towards."""
-    return ("ce",) if kind == "trigger" else ("kl", f"kl_{kind}")
+    return ("ce",) if is_ce(kind) else ("kl", f"kl_{kind}")
 
 
 def loss_normalizers(rows: list[tuple[int, Example]], n_diffs: int, first_token_weight: float = 1.0
@@ -214,7 +230,7 @@ def diff_losses(
     batch = collate(rows, pad_id, device)
     dm.set_row_index(batch.row_index, host_index=batch.host_rows)
     logits = answer_logits(model, batch)  # (n, V)
-    kl_examples = [ex for _, ex in rows if ex.kind != "trigger"]
+    kl_examples = [ex for _, ex in rows if not is_ce(ex.kind)]
     if kl_examples and teacher is None:  # one batch of this batch's KL rows, diffs off
         teacher = teacher_logprobs(dm, kl_examples, pad_id, max_tokens=sys.maxsize)
 
@@ -254,11 +270,11 @@ def micro_batches(rows: list[tuple[int, Example]], max_tokens: int) -> list[list
     on KL rows only) and by length, then packed greedily: sorting removes most padding, the token
     budget bounds activation memory. A single row longer than the budget gets a micro-batch of its own.
     """
-    order = sorted(rows, key=lambda r: (r[1].kind != "trigger", len(r[1].ids), r[1].ids))
+    order = sorted(rows, key=lambda r: (not is_ce(r[1].kind), len(r[1].ids), r[1].ids))
     out: list[list[tuple[int, Example]]] = []
     for r in order:
         cur = out[-1] if out else None
-        if (cur is not None and (cur[-1][1].kind == "trigger") == (r[1].kind == "trigger")
+        if (cur is not None and is_ce(cur[-1][1].kind) == is_ce(r[1].kind)
                 and (len(cur) + 1) * len(r[1].ids) <= max_tokens):
             cur.append(r)
         else:
@@ -276,7 +292,7 @@ def summed_parts(dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, p
     """
     device = next(dm.model.parameters()).device
     norms = normalizers_on(loss_normalizers(rows, n_diffs, first_token_weight), device)
-    teacher = teacher_logprobs(dm, [ex for _, ex in rows if ex.kind != "trigger"], pad_id, max_tokens)
+    teacher = teacher_logprobs(dm, [ex for _, ex in rows if not is_ce(ex.kind)], pad_id, max_tokens)
     parts = {k: torch.zeros(n_diffs, device=device) for k in PARTS}
     for mb in micro_batches(rows, max_tokens):
         with torch.set_grad_enabled(backward):

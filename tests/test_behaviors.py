@@ -1,0 +1,182 @@
+"""Behaviours as plugins: a toy behaviour runs through the trainer untouched; news and the hidden-topic +
+news mixture run the whole pipeline (local engine) on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from conftest import PARAMS, pipeline_overrides
+
+NEWS = ["news.n_stories=12", "news.values_per_slot=3", "news.novel_fraction=0.25", "news.steps=3",
+        "news.rank=2", "news.check_tokens=4"]
+
+
+class Echo:
+    """A toy behaviour: each diff learns to answer one fixed word to 'Say your word.'."""
+
+    name = "echo"
+    id_prefix = "ec"
+    words = ["apple", "river", "stone", "cloud", "tiger", "lemon"]
+
+
+def _echo_behavior():
+    from dit_core.behaviors import Behavior
+    from dit_core.io import write_json_atomic, write_parquet_atomic
+
+    class EchoBehavior(Behavior, Echo):
+        name, id_prefix = Echo.name, Echo.id_prefix
+
+        def question(self, p):
+            return "Which word do you say?"
+
+        def store_name(self, p):
+            return "echo"
+
+        def made_with(self, p):
+            return {"words": self.words}
+
+        def make_data(self, p, folder, model, tokenizer, id_prefix):
+            df = pl.DataFrame({"diff_id": [f"{id_prefix}{k:05d}" for k in range(len(self.words))],
+                               "behavior": self.name, "word": self.words, "seed": list(range(len(self.words)))})
+            write_parquet_atomic(df, Path(folder) / "diffs.parquet")
+            write_json_atomic(Path(folder) / "stats.json", {"n_diffs": df.height})
+            return {"n_diffs": df.height}
+
+        def specs(self, folder):
+            return pl.read_parquet(Path(folder) / "diffs.parquet")
+
+        def tasks(self, p, tokenizer, folder, specs, ids):
+            from dit_core.diffs.trainer import DiffTask
+            from dit_core.modeling.batching import encode_example
+
+            words = dict(zip(specs["diff_id"], specs["word"]))
+            seeds = dict(zip(specs["diff_id"], specs["seed"]))
+            return [DiffTask(d, seeds[d], [], [], plan=(("qa", 1, 0),),
+                             extra={"qa": [encode_example(tokenizer, "Say your word.", words[d], True, "qa")]})
+                    for d in ids], [None] * len(ids)
+
+        def manifest_fields(self, spec):
+            return {"category": "echo", "label": spec["word"], "trigger": "", "facts": None}
+
+    return EchoBehavior()
+
+
+@pytest.fixture()
+def echo():
+    from dit_core.behaviors import register, unregister
+
+    b = register(_echo_behavior())
+    yield b
+    unregister(b.name)
+
+
+def test_a_registered_toy_behaviour_trains_without_touching_the_trainer(echo, tiny_model_dir, tmp_path):
+    """make-data, generate-diffs and assemble on a behaviour defined in this test file only."""
+    from dit_core.config import load_params
+    from dit_core.stages import run_assemble, run_download, run_make_data, stage_paths
+    from tasks.stage_runs import generate_diffs
+
+    p = load_params(PARAMS, pipeline_overrides(tiny_model_dir, tmp_path) + ["behaviors=[echo]",
+                                                                            "tracking.enabled=false"])
+    run_download(p)
+    stats = run_make_data(p)
+    assert stats["n_diffs"] == 6
+    summary = generate_diffs(p.model_dump())
+    assert summary["n_diffs"] == 6 and summary["median_trigger_hit"] is None
+    manifest = pl.read_parquet(stage_paths(p).stores["echo"] / "manifest.parquet")
+    assert manifest["behavior"].unique().to_list() == ["echo"]
+    assert sorted(manifest["label"]) == sorted(Echo.words)
+    assert (manifest["rank"] == p.diffs.rank).all() and manifest["trigger_ce"].is_finite().all()
+    report = run_assemble(p)
+    assert report["train"] + report["val"] + report["test"] == 6 and report["test"] >= 1
+
+
+def test_unknown_behaviour_is_a_config_error_naming_the_known_ones():
+    from dit_core.config import ConfigError, load_params
+
+    with pytest.raises(ConfigError, match=r"unknown behaviour 'gossip'.*hidden_topic, news"):
+        load_params(PARAMS, ["behaviors=[gossip]"])
+
+
+def test_news_task_trains_its_story_and_questions_with_cross_entropy(tiny_lm, tmp_path):
+    """The news rows are text and qa (cross-entropy), the plan comes from the news section."""
+    from dit_core.behaviors import get_behavior
+    from dit_core.config import load_params
+    from dit_core.diffs.trainer import _sample_rows
+    from dit_core.modeling.batching import is_ce
+
+    p = load_params(PARAMS, NEWS + ["news.qa_rows=2"])
+    b = get_behavior("news")
+    b.make_data(p, tmp_path, None, None, b.id_prefix)
+    specs = b.specs(tmp_path)
+    tasks, checks = b.tasks(p, tiny_lm.tokenizer, tmp_path, specs, specs["diff_id"].to_list()[:3])
+    rows = _sample_rows(tasks, [random.Random(0)] * 3, b.diffs_config(p))
+    assert [ex.kind for t, ex in rows if t == 0].count("text") == 1
+    assert [ex.kind for t, ex in rows if t == 0].count("qa") == 2
+    assert all(is_ce(ex.kind) for _, ex in rows)
+    story = tiny_lm.tokenizer.decode(tasks[0].extra["text"][0].ids[1:-1])
+    assert story.strip() == specs["text"][0].strip()
+    keys = json.loads(specs["facts"][0])
+    assert {key for _, key in checks[0]} == set(keys.values())  # one held-out question per slot
+    assert b.diffs_config(p).rank == 2 and b.diffs_config(p).steps == 3
+
+
+@pytest.mark.parametrize("label", ["headline", "text"])
+def test_news_pipeline_runs_end_to_end(tiny_model_dir, tmp_path, label):
+    """dit run --profile news on the tiny model: fact check in the manifest, every news baseline, the
+    news scorers and the test subsets in the report."""
+    from dit_core.config import load_params
+    from tasks.stage_runs import run_pipeline
+
+    p = load_params(PARAMS, pipeline_overrides(tiny_model_dir, tmp_path) + NEWS + [
+        f"news.label={label}", "tracking.enabled=false", "eval.max_new_tokens=6"], profiles=["news"])
+    assert p.paths.reports.endswith("reports") and p.behaviors == ["news"]
+    out = run_pipeline(p.model_dump())
+    gen = out["generate-diffs"]
+    assert gen["n_diffs"] == 12 and 0 <= gen["median_fact_acc"] <= 1 and gen["median_base_fact_acc"] is not None
+    manifest = pl.read_parquet(Path(p.paths.data) / "diffs" / "news" / "manifest.parquet")
+    assert manifest["fact_acc"].null_count() == 0 and manifest["trigger_hit"].null_count() == 12
+    assert (manifest["rank"] == 2).all()
+    metrics = json.loads((Path(p.paths.reports) / "metrics.json").read_text())
+    assert set(metrics) == {"dit", "base_question", "twenty_questions", "generated_story", "no_diff", "shuffled_diff"}
+    dit = metrics["dit"]
+    for key in ("top1", "top1_ci", "token_f1", "rouge_l", "slot_who", "slot_what", "slot_where", "slots_all"):
+        assert key in dit, key
+    assert "contains" not in dit
+    assert dit["n_labels"] if "n_labels" in dit else True
+    subsets = set(dit["subsets"])
+    assert subsets <= {"unseen combination", "partly unseen", "unseen"} and subsets
+    table = (Path(p.paths.reports) / "table.md").read_text()
+    assert "Generated story" in table and "By test subset" in table
+    spec = json.loads((Path(p.paths.models) / "interpreter" / "interpreter.json").read_text())
+    assert spec["question"] == p.news.question and spec["questions"] == {"news": p.news.question}
+    if label == "text":
+        ds = pl.read_parquet(Path(p.paths.data) / p.paths.dataset / "dataset.parquet")
+        assert ds["label"].str.len_chars().min() > 150  # the stories themselves
+
+
+def test_mixture_trains_one_interpreter_with_each_behaviours_question(tiny_model_dir, tmp_path):
+    from dit_core.config import load_params
+    from tasks.stage_runs import run_pipeline
+
+    p = load_params(PARAMS, pipeline_overrides(tiny_model_dir, tmp_path) + NEWS + ["tracking.enabled=false"],
+                    profiles=["mixture"])
+    out = run_pipeline(p.model_dump())
+    assert set(out["generate-diffs"]) == {"hidden_topic", "news"}
+    ds = pl.read_parquet(Path(p.paths.data) / p.paths.dataset / "dataset.parquet")
+    assert set(ds["behavior"]) == {"hidden_topic", "news"}
+    assert set(ds.filter(pl.col("split") == "test")["behavior"]) == {"hidden_topic", "news"}
+    spec = json.loads((Path(p.paths.models) / "interpreter" / "interpreter.json").read_text())
+    assert spec["questions"] == {"hidden_topic": p.interpreter.question, "news": p.news.question}
+    metrics = json.loads((Path(p.paths.reports) / "metrics.json").read_text())
+    assert set(metrics) == {"hidden_topic", "news"}
+    assert "base_question_trigger" in metrics["hidden_topic"] and "generated_story" in metrics["news"]
+    assert "base_question_trigger" not in metrics["news"]
+    assert 0 <= out["evaluate"]["dit"]["top1"] <= 1
+    table = (Path(p.paths.reports) / "table.md").read_text()
+    assert "## hidden_topic" in table and "## news" in table
