@@ -13,7 +13,7 @@ every round's diffs and scores it on a fixed benchmark split that never enters t
 A run does round (highest finished round) + 1: a run that stopped resumes its round (behaviour data,
 finished shards and interpreter checkpoints are kept) instead of starting another. The corpus is kept
 out of paths.data: dvc.yaml owns data/diffs as a stage output (`dvc repro` deletes it before the stage
-runs) and git ignores data/, where DVC refuses to write .dvc files.
+runs) and git ignores data/, where DVC refuses to write .dvc files. Rounds make hidden-topic diffs.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ IDENTITY = "retrain.json"
 ROUND_DONE = "round.json"
 BENCHMARK_PREFIX = "bench-ht"
 BEHAVIOR_DIR = "behavior"
+BEHAVIOR = "hidden_topic"  # rounds make hidden-topic diffs (its topic list is what the benchmark holds out)
 
 
 def retrain_root(p: Params) -> Path:
@@ -110,10 +111,10 @@ def _store_params(p: Params, seed: int, n_topics: int, topics_file: str | None) 
 
 
 def _identity(ps: Params, kind: str, n: int | None, n_diffs: int, prefix: str, **extra) -> dict:
-    from dit_core.stages import _made_with
+    from dit_core.behaviors import get_behavior
 
     return {"kind": kind, "round": n, "seed": ps.data.seed, "n_diffs": n_diffs, "id_prefix": prefix,
-            **extra, **_made_with(ps)}
+            **extra, **get_behavior(BEHAVIOR).made_with(ps)}
 
 
 def _changed(store: Path, identity: dict, keys=None) -> list[str] | None:
@@ -135,7 +136,7 @@ def _make_store(ps: Params, store: Path, id_prefix: str) -> dict:
     from dit_core.stages import run_make_data, stage_paths, wrapped_model
 
     behavior = store / BEHAVIOR_DIR
-    run_make_data(ps, behavior, id_prefix)
+    run_make_data(ps, behavior, id_prefix, BEHAVIOR)
     lm, dm = wrapped_model(str(stage_paths(ps).model), ps.model.device, ps.model.dtype, ps.diffs.modules)
     summary = generate_diffs(ps, lm, behavior, store, dm)
     stopped = summary.get("stopped")

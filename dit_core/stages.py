@@ -224,3 +224,25 @@ def run_scaling(p: Params, sizes: str | None = None, on_point=None) -> dict:
     write_resolved_params(p, out)
     return {"points": [public(pt) for pt in points],
             "table": (out / "scaling.md").read_text(), "dir": str(out)}
+
+
+def cross_behavior_dir(p: Params) -> Path:
+    return Path(p.paths.reports) / "cross_behavior"
+
+
+def run_cross_behavior(p: Params, on_cell=None) -> dict:
+    """The cross-behaviour matrix on the assembled multi-behaviour dataset (dit_core/evaluation/cross.py):
+    one interpreter per behaviour and one on all of them, each scored on every behaviour. Writes
+    reports/cross_behavior/."""
+    from dit_core.evaluation.cross import cross_behavior
+
+    ds = dataset_dir(p)
+    if not (ds / "dataset.parquet").exists():
+        raise FileNotFoundError(f"{ds / 'dataset.parquet'} is missing; run the pipeline with several behaviours "
+                                "first (e.g. dit run --profile mixture)")
+    lm = load_model(stage_paths(p).model, p.model.device, p.model.dtype)
+    out = cross_behavior_dir(p)
+    with compute_context(lm.device, p.model.autocast):
+        result = cross_behavior(p, lm, ds, out, hidden_topic_questions(p), on_cell=on_cell)
+    write_resolved_params(p, out)
+    return result | {"table": (out / "matrix.md").read_text(), "dir": str(out)}

@@ -319,6 +319,34 @@ def scaling(
     typer.echo(f"written to {result['dir']}")
 
 
+@app.command("cross-behavior")
+def cross_behavior(
+    params_file: str = ParamsOpt,
+    profile: Optional[list[str]] = ProfileOpt,
+    set_: Optional[list[str]] = SetOpt,
+    engine: str = EngineOpt,
+) -> None:
+    """The cross-behaviour matrix on a dataset of several behaviours: one interpreter trained on each
+    behaviour alone and one on all of them, each scored on every behaviour's test diffs; writes
+    reports/cross_behavior/ (matrix.md, matrix.png, matrix.json) and logs them to MLflow.
+
+    Examples:
+      dit run --profile mixture && dit cross-behavior --profile mixture
+    """
+    _engine(engine)
+    params = _load(params_file, set_ or [], profile)
+    if engine == "local":
+        from tasks.stage_runs import run_stage
+
+        result = _run_flow(lambda p: run_stage(p, "cross-behavior"), params)
+    else:
+        from flows.pipeline import cross_behavior_flow
+
+        result = _run_flow(cross_behavior_flow, params)
+    typer.echo(result["table"])
+    typer.echo(f"written to {result['dir']}")
+
+
 @app.command()
 def verify(
     paths: list[str] = typer.Argument(..., help="diff store, dataset folder, interpreter folder, diff file, "

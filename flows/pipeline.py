@@ -70,6 +70,13 @@ def scaling_flow(params: dict, sizes: str | None = None) -> dict:
     return t.scaling(params, sizes if sizes is not None else params["scaling"]["sizes"])
 
 
+@flow(name="cross-behavior")
+def cross_behavior_flow(params: dict) -> dict:
+    """The cross-behaviour matrix: interpreters trained on each behaviour and on all, tested on each."""
+    with stop_on_signals(chain=True):
+        return t.cross_behavior(params)
+
+
 STAGE_FLOWS = {
     "download": download_flow,
     "make-data": make_data_flow,

@@ -247,6 +247,21 @@ def scaling(params: dict, sizes: str | None = None, parent_run_id: str | None = 
         return out
 
 
+def cross_behavior(params: dict, parent_run_id: str | None = None) -> dict:
+    """The cross-behaviour matrix (trained on each behaviour / all; tested on each); cells logged as metrics
+    `cross.<trained on>.<tested on>.top1`, the table and heatmap as artifacts."""
+    from dit_core.stages import run_cross_behavior
+
+    with tracked(params, "cross_behavior", parent_run_id) as run:
+        def on_cell(row: str, col: str, cell: dict) -> None:
+            run.log_metrics({f"cross.{row}.{col}.{k}": v for k, v in cell.items() if isinstance(v, (int, float))})
+
+        out = run_cross_behavior(_params(params), on_cell=on_cell)
+        for f in ("matrix.json", "matrix.md", "matrix.png"):
+            run.log_artifact(f"{out['dir']}/{f}", "cross_behavior")
+        return out
+
+
 STAGES: dict[str, Callable[..., dict]] = {
     "download": download, "make-data": make_data, "generate-diffs": generate_diffs, "assemble": assemble,
     "train-interpreter": train_interpreter, "evaluate": evaluate,
@@ -355,5 +370,7 @@ def run_stage(params: dict, name: str) -> dict:
     """One stage by its command-line name (`scaling` takes its sizes from params.yaml)."""
     if name == "scaling":
         return scaling(params, params["scaling"]["sizes"])
+    if name == "cross-behavior":
+        return cross_behavior(params)
     return STAGES[name](params)
 

@@ -180,3 +180,29 @@ def test_mixture_trains_one_interpreter_with_each_behaviours_question(tiny_model
     assert 0 <= out["evaluate"]["dit"]["top1"] <= 1
     table = (Path(p.paths.reports) / "table.md").read_text()
     assert "## hidden_topic" in table and "## news" in table
+
+
+def test_cross_behaviour_matrix_trains_one_interpreter_per_row(tiny_model_dir, tmp_path):
+    from dit_core.config import load_params
+    from dit_core.evaluation.cross import training_sets
+    from tasks.stage_runs import run_pipeline, run_stage
+
+    p = load_params(PARAMS, pipeline_overrides(tiny_model_dir, tmp_path) + NEWS + ["tracking.enabled=false"],
+                    profiles=["mixture"])
+    run_pipeline(p.model_dump())
+    out = run_stage(p.model_dump(), "cross-behavior")
+    assert out["rows"] == ["hidden_topic", "news", "mixture"] and out["columns"] == ["hidden_topic", "news"]
+    for row in out["rows"]:
+        for col in out["columns"]:
+            cell = out["matrix"][row][col]
+            assert 0 <= cell["top1"] <= 1 and cell["n"] >= 1
+    folder = Path(out["dir"])
+    assert (folder / "matrix.png").stat().st_size > 1000 and "| mixture |" in (folder / "matrix.md").read_text()
+    # each single-behaviour row learned from its own behaviour's diffs only, and was asked each behaviour's question
+    ds = pl.read_parquet(Path(p.paths.data) / p.paths.dataset / "dataset.parquet")
+    sets = training_sets(ds, p.behaviors)
+    assert set(sets["news"]["behavior"]) == {"news"} and set(sets["mixture"]["behavior"]) == {"hidden_topic", "news"}
+    spec = json.loads((folder / "hidden_topic" / "interpreter" / "interpreter.json").read_text())
+    assert spec["questions"] == {"hidden_topic": p.interpreter.question}
+    preds = pl.read_parquet(folder / "hidden_topic" / "predictions.parquet")
+    assert set(preds.filter(pl.col("behavior") == "news")["prompt"]) == {p.news.question}

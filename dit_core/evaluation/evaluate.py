@@ -59,7 +59,11 @@ class Evaluator:
         self.labels = sorted(self.test["label"].unique().to_list())
         self.dm = DiffModel(lm.model, p.diffs.modules)
         self.interp = load_interpreter(self.dm, interpreter_dir, lm.tokenizer, lm.sha256)
-        self.question = self.interp.spec.question_for(self.behavior.name)
+        # The interpreter's own question for this behaviour; one trained without it (e.g. on another
+        # behaviour only) is asked this behaviour's question from params.
+        spec = self.interp.spec
+        self.question = (spec.questions.get(self.behavior.name) or self.behavior.question(p) if spec.questions
+                         else spec.question)
         bank = DiffBank(df, self.dm.shapes(), lm.sha256)
         A, B, scale = bank.get(self.test["diff_id"].to_list())
         self.diffs = ({k: v.to(lm.device) for k, v in A.items()}, {k: v.to(lm.device) for k, v in B.items()},

@@ -86,7 +86,8 @@ class InterpreterRecipe:
         # Each behaviour keeps its own question; the spec records them all (`question`: the first one's).
         from dit_core.behaviors import get_behavior
 
-        present = set(df["behavior"])
+        fit = pl.concat([self.train_df, self.val_df])
+        present = set(fit["behavior"])  # what it learns from (test rows may hold other behaviours)
         order = [b for b in self.p.behaviors if b in present] + sorted(present - set(self.p.behaviors))
         questions = {b: get_behavior(b).question(self.p) for b in order}
         if self.cfg.kind == "projection" and len(set(questions.values())) > 1:
@@ -102,7 +103,7 @@ class InterpreterRecipe:
         self.interp = build_interpreter(self.dm, self.spec, self.lm.tokenizer, self.cfg.init_std)
         self.opt = torch.optim.AdamW(self.interp.parameters(), lr=self.cfg.lr, weight_decay=0.0)
         self.examples = {(b, lab): label_example(self.lm.tokenizer, questions[b], lab)
-                         for b, lab in df.select("behavior", "label").unique().iter_rows()}
+                         for b, lab in fit.select("behavior", "label").unique().iter_rows()}
         steps_per_epoch = math.ceil(self.train_df.height / (self.cfg.batch_size * self.cfg.grad_accum))
         self.total_steps = steps_per_epoch * self.cfg.epochs
         self.state = {"epoch": 0, "step": 0, "best_val": None, "best_epoch": None, "bad_epochs": 0,

@@ -1,0 +1,116 @@
+"""The cross-behaviour matrix: does an interpreter trained on one behaviour read diffs of another?
+
+    rows:     interpreter trained on each behaviour's train split alone, and on all of them (mixture)
+    columns:  DIT scored on each behaviour's test split (closed-set top-1 with its 95% interval, token F1)
+
+Every interpreter is trained with the same recipe on the assembled multi-behaviour dataset (its own
+behaviours' train and val rows) and asked each behaviour's own question. Writes
+reports/cross_behavior/{matrix.json, matrix.md, matrix.png, params.resolved.yaml} and one folder per row.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+
+from dit_core.config import Params
+from dit_core.data.assemble import DitDataset
+from dit_core.data.schemas import read_validated
+from dit_core.io import write_json_atomic, write_parquet_atomic
+
+log = logging.getLogger(__name__)
+MIXTURE = "mixture"
+
+
+def training_sets(df: pl.DataFrame, order: list[str]) -> dict[str, pl.DataFrame]:
+    """Row name -> the train/val rows its interpreter learns from (each behaviour alone, then all)."""
+    names = [b for b in order if b in set(df["behavior"])]
+    fit = df.filter(pl.col("split").is_in(["train", "val"]))
+    sets = {b: fit.filter(pl.col("behavior") == b) for b in names}
+    sets[MIXTURE] = fit
+    return sets
+
+
+def cross_behavior(p: Params, lm, dataset_dir: str | Path, out_dir: str | Path, questions_path: Path,
+                   on_cell: Callable[[str, str, dict], None] | None = None, progress: bool = True) -> dict:
+    """Train the matrix's interpreters (resuming each), evaluate DIT on every behaviour; returns the matrix."""
+    from dit_core.evaluation.evaluate import evaluate
+    from dit_core.interpreter.training import InterpreterRecipe
+
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    df = read_validated(dataset_dir / "dataset.parquet", DitDataset)
+    tested = [b for b in p.behaviors if b in set(df.filter(pl.col("split") == "test")["behavior"])]
+    if len(tested) < 2:
+        raise ValueError(f"{dataset_dir}: the test split holds behaviours {tested}; the matrix needs two or more "
+                         "(run `dit run --profile mixture` or set behaviors to several)")
+    p_dit = p.model_copy(update={"eval": p.eval.model_copy(update={
+        "methods": ["dit"], "judge": p.eval.judge.model_copy(update={"base_url": None})})})
+    matrix: dict[str, dict[str, dict]] = {}
+    for row, rows in training_sets(df, p.behaviors).items():
+        folder = out_dir / row
+        # the training rows of this row, plus every test row (evaluation reads the test split from here)
+        ds = pl.concat([rows, df.filter(pl.col("split") == "test")]).sort("diff_id")
+        write_parquet_atomic(ds, folder / "dataset" / "dataset.parquet")
+        log.info("cross-behaviour: interpreter trained on %s (%d diffs)", row, rows.filter(pl.col("split") == "train").height)
+        InterpreterRecipe(p_dit, lm, folder / "dataset", folder / "interpreter", progress=progress).run()
+        result = evaluate(p_dit, lm, folder / "dataset", folder / "interpreter", questions_path, folder)
+        per = result["metrics"] if len(result["behaviors"]) > 1 else {result["behaviors"][0]: result["metrics"]}
+        matrix[row] = {}
+        for col in tested:
+            d = per[col]["dit"]
+            cell = {k: d[k] for k in ("n", "top1", "top1_ci", "top1_chance", "token_f1", "token_f1_ci") if k in d}
+            matrix[row][col] = cell
+            if on_cell:
+                on_cell(row, col, cell)
+    out = {"rows": list(matrix), "columns": tested, "matrix": matrix}
+    write_json_atomic(out_dir / "matrix.json", out)
+    (out_dir / "matrix.md").write_text(matrix_markdown(out))
+    plot_matrix(out, out_dir / "matrix.png")
+    return out
+
+
+def matrix_markdown(m: dict) -> str:
+    """Rows: trained on; columns: tested on; cells: top-1 [95% CI] / token F1."""
+    cols = m["columns"]
+    lines = ["DIT closed-set top-1 [95% CI] / token F1; rows: the interpreter's training behaviours, "
+             "columns: the test diffs' behaviour.", "",
+             "| trained on | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for row in m["rows"]:
+        cells = []
+        for col in cols:
+            c = m["matrix"][row][col]
+            ci = c.get("top1_ci", [float("nan")] * 2)
+            cells.append(f"{c['top1']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] / {c.get('token_f1', float('nan')):.2f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    chance = ", ".join(f"{col} {m['matrix'][m['rows'][0]][col].get('top1_chance', float('nan')):.3f}" for col in cols)
+    lines += ["", f"Closed-set top-1 chance: {chance}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_matrix(m: dict, path: str | Path) -> None:
+    """Heatmap of closed-set top-1 (rows: trained on, columns: tested on)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows, cols = m["rows"], m["columns"]
+    vals = np.array([[m["matrix"][r][c]["top1"] for c in cols] for r in rows])
+    fig, ax = plt.subplots(figsize=(1.8 * len(cols) + 2, 0.8 * len(rows) + 1.5))
+    im = ax.imshow(vals, vmin=0, vmax=1, cmap="viridis")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            ax.text(j, i, f"{vals[i, j]:.2f}", ha="center", va="center", color="white" if vals[i, j] < 0.6 else "black")
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("tested on")
+    ax.set_ylabel("interpreter trained on")
+    fig.colorbar(im, ax=ax, label="DIT closed-set top-1")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
