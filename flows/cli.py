@@ -210,6 +210,8 @@ def describe(
     diffs: list[str] = typer.Argument(..., help="diff ids, diff .safetensors files or PEFT adapter dirs"),
     interpreter: str = typer.Option("models:/dit-interpreter@champion", "--interpreter", "-i",
                                     help="interpreter dir or MLflow URI"),
+    behavior: str = typer.Option(None, "--behavior", "-b",
+                                 help="ask the question of this behaviour (default: the interpreter's first)"),
     params_file: str = ParamsOpt,
     profile: Optional[list[str]] = ProfileOpt,
     set_: Optional[list[str]] = SetOpt,
@@ -219,6 +221,7 @@ def describe(
     Examples:
       dit describe ht00003
       dit describe my_lora_adapter/ --interpreter models/interpreter
+      dit describe nw00007 --profile mixture --interpreter models/mixture/interpreter --behavior news
     """
     from dit_core.interpreter.describe import describe as run_describe
     from dit_core.stages import stage_paths
@@ -226,7 +229,8 @@ def describe(
     params = _load(params_file, set_, profile)
     p, lm = _model_for(params)
     try:
-        df = run_describe(lm, _interpreter_path(interpreter, params), diffs, [stage_paths(p).diffs], p.diffs.modules)
+        df = run_describe(lm, _interpreter_path(interpreter, params), diffs, list(stage_paths(p).stores.values()),
+                          p.diffs.modules, behavior=behavior)
     except (FileNotFoundError, ValueError, KeyError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(EXIT_FAILED) from None

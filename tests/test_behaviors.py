@@ -180,6 +180,18 @@ def test_mixture_trains_one_interpreter_with_each_behaviours_question(tiny_model
     assert 0 <= out["evaluate"]["dit"]["top1"] <= 1
     table = (Path(p.paths.reports) / "table.md").read_text()
     assert "## hidden_topic" in table and "## news" in table
+    # describe asks the question of the behaviour it is told
+    from dit_core.interpreter.describe import describe
+    from dit_core.modeling.models import load_model
+    from dit_core.stages import stage_paths
+
+    lm = load_model(stage_paths(p).model, "cpu", "float32")
+    stores = list(stage_paths(p).stores.values())
+    news_id = ds.filter(pl.col("behavior") == "news")["diff_id"][0]
+    got = describe(lm, Path(p.paths.models) / "interpreter", [news_id], stores, behavior="news", max_new_tokens=3)
+    assert got["diff"].to_list() == [news_id] and got["description"].dtype == pl.String
+    with pytest.raises(ValueError, match=r"trained on behaviours \['hidden_topic', 'news'\], not 'gossip'"):
+        describe(lm, Path(p.paths.models) / "interpreter", [news_id], stores, behavior="gossip")
 
 
 def test_cross_behaviour_matrix_trains_one_interpreter_per_row(tiny_model_dir, tmp_path):
@@ -206,3 +218,14 @@ def test_cross_behaviour_matrix_trains_one_interpreter_per_row(tiny_model_dir, t
     assert spec["questions"] == {"hidden_topic": p.interpreter.question}
     preds = pl.read_parquet(folder / "hidden_topic" / "predictions.parquet")
     assert set(preds.filter(pl.col("behavior") == "news")["prompt"]) == {p.news.question}
+
+
+def test_zero_padding_to_a_higher_rank_keeps_the_diff():
+    import torch
+
+    from dit_core.diffs.bank import pad_rank
+
+    A, B = torch.randn(3, 2, 5), torch.randn(3, 4, 2)
+    A8, B8 = pad_rank(A, B, 8)
+    assert A8.shape == (3, 8, 5) and B8.shape == (3, 4, 8)
+    assert torch.allclose(B8 @ A8, B @ A) and pad_rank(A, B, 2)[0] is A

@@ -38,10 +38,19 @@ def resolve_diffs(refs: list[str], dm: DiffModel, lm: LoadedModel, stores: list[
 
 
 def describe(lm: LoadedModel, interpreter_dir: str | Path, refs: list[str], stores: list[Path] = (),
-             modules: str = r".*", max_new_tokens: int = 16, batch_size: int = 16) -> pl.DataFrame:
-    """One description per diff (batched, grouped by rank): columns diff, description."""
+             modules: str = r".*", max_new_tokens: int = 16, batch_size: int = 16,
+             behavior: str | None = None) -> pl.DataFrame:
+    """One description per diff (batched, grouped by rank): columns diff, description.
+
+    behavior: ask that behaviour's question (one the interpreter was trained with); default its first.
+    """
     dm = DiffModel(lm.model, modules)
     interp = load_interpreter(dm, interpreter_dir, lm.tokenizer, lm.sha256)
+    known = interp.spec.questions or {}
+    if behavior is not None and behavior not in known:
+        raise ValueError(f"the interpreter in {interpreter_dir} was trained on behaviours {sorted(known) or ['(one)']}"
+                         f", not {behavior!r}; pass one of those to --behavior")
+    question = interp.spec.question_for(behavior)
     diffs = resolve_diffs(refs, dm, lm, stores)
     results: dict[str, str] = {}
     by_rank: dict[int, list[tuple[str, DiffShard]]] = {}
@@ -53,6 +62,6 @@ def describe(lm: LoadedModel, interpreter_dir: str | Path, refs: list[str], stor
             A = {m: torch.cat([s.A[m] for _, s in chunk]).to(lm.device) for m in dm.names}
             B = {m: torch.cat([s.B[m] for _, s in chunk]).to(lm.device) for m in dm.names}
             scale = torch.tensor([s.scale for _, s in chunk], device=lm.device)
-            texts = interp.describe(lm.tokenizer, (A, B, scale), list(range(len(chunk))), max_new_tokens)
+            texts = interp.describe(lm.tokenizer, (A, B, scale), list(range(len(chunk))), max_new_tokens, question)
             results.update({name: t for (name, _), t in zip(chunk, texts)})
     return pl.DataFrame({"diff": [n for n, _ in diffs], "description": [results[n] for n, _ in diffs]})
