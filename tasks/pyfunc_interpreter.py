@@ -17,6 +17,8 @@ recorded one.
 Stored diff ids are looked up in diff stores: the project-relative ones recorded at registration
 (resolved against the working directory, skipped where absent), or those a caller passes, as
 `load_model(uri, model_config={"stores": [...]})` or `predict(refs, params={"stores": [...]})`.
+An interpreter trained on several behaviours answers the question of `params={"behavior": "news"}`
+(default: its first behaviour's).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class InterpreterModel(PythonModel):
         else:
             refs = [str(x) for x in model_input]
         stores = [Path(s) for s in (params or {}).get("stores") or []] or self.stores
-        df = describe(self.lm, self.interpreter_dir, refs, stores, self.modules)
+        df = describe(self.lm, self.interpreter_dir, refs, stores, self.modules,
+                      behavior=(params or {}).get("behavior") or None)
         return df["description"].to_list()
 
 

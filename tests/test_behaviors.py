@@ -229,3 +229,18 @@ def test_zero_padding_to_a_higher_rank_keeps_the_diff():
     A8, B8 = pad_rank(A, B, 8)
     assert A8.shape == (3, 8, 5) and B8.shape == (3, 4, 8)
     assert torch.allclose(B8 @ A8, B @ A) and pad_rank(A, B, 2)[0] is A
+
+
+def test_novelty_of_test_diffs_against_the_training_split():
+    from dit_core.evaluation.evaluate import novelty
+
+    def facts(who, what, where):
+        return json.dumps({"who": who, "what": what, "where": where})
+
+    train = pl.DataFrame({"label": ["A baker ran in Oslo.", "A poet sang in Rome.", "volcanoes"],
+                          "facts": [facts("baker", "ran", "Oslo"), facts("poet", "sang", "Rome"), None]})
+    test = pl.DataFrame({"label": ["A baker sang in Rome.", "A poet ran in Lima.", "A judge swam in Lima.",
+                                   "Volcanoes", "honey bees"],
+                         "facts": [facts("Baker", "sang", "rome"), facts("poet", "ran", "Lima"),
+                                   facts("judge", "swam", "Lima"), None, None]})
+    assert novelty(train, test) == ["unseen combination", "partly unseen", "unseen", "seen label", "unseen"]

@@ -172,23 +172,28 @@ class Evaluator:
         return pl.concat(frames)
 
     def subsets(self) -> list[str]:
-        """Per test diff, how new it is to the training split: `seen label` (another diff of its label was
-        trained on), `unseen combination` (every fact seen in training, never together), `partly unseen`
-        (some facts seen), `unseen` (no fact, or a label without facts, seen)."""
-        train_labels = set(self.train["label"].str.to_lowercase())
-        seen: dict[str, set[str]] = {}
-        for facts in self.train["facts"].drop_nulls():
-            for slot, key in json.loads(facts).items():
-                seen.setdefault(slot, set()).add(key.lower())
-        out = []
-        for label, facts in zip(self.test["label"], self.test["facts"]):
-            if label.lower() in train_labels:
-                out.append("seen label")
-                continue
-            keys = json.loads(facts).items() if facts else []
-            hits = [key.lower() in seen.get(slot, set()) for slot, key in keys]
-            out.append("unseen combination" if hits and all(hits) else "partly unseen" if any(hits) else "unseen")
-        return out
+        """Per test diff, how new it is to this behaviour's training split (`novelty`)."""
+        return novelty(self.train, self.test)
+
+
+def novelty(train: pl.DataFrame, test: pl.DataFrame) -> list[str]:
+    """Per test row (label, facts), how new it is to the training rows: `seen label` (a training diff has
+    its label), `unseen combination` (every fact seen in training, never together), `partly unseen` (some
+    facts seen), `unseen` (no fact, or a label without facts, seen)."""
+    train_labels = set(train["label"].str.to_lowercase())
+    seen: dict[str, set[str]] = {}
+    for facts in train["facts"].drop_nulls():
+        for slot, key in json.loads(facts).items():
+            seen.setdefault(slot, set()).add(key.lower())
+    out = []
+    for label, facts in zip(test["label"], test["facts"]):
+        if label.lower() in train_labels:
+            out.append("seen label")
+            continue
+        keys = json.loads(facts).items() if facts else []
+        hits = [key.lower() in seen.get(slot, set()) for slot, key in keys]
+        out.append("unseen combination" if hits and all(hits) else "partly unseen" if any(hits) else "unseen")
+    return out
 
 
 def _score(p: Params, behavior: Behavior, preds: pl.DataFrame) -> dict:
