@@ -21,9 +21,11 @@ from dit_core.modeling.chat import chat_prompt, generate, inference_batch
 from dit_core.modeling.batching import Example, answer_logprobs, diff_losses, encode_example
 from dit_core.io import atomic_path, write_json_atomic
 from dit_core.modeling.lora import DiffModel
+from dit_core.modeling.models import sha256_file
 
 WEIGHTS = "interpreter.safetensors"
 SPEC = "interpreter.json"
+WEIGHTS_SHA256 = "weights_sha256"
 
 
 class InterpreterFileError(ValueError):
@@ -127,7 +129,16 @@ def save_interpreter(out_dir: str | Path, spec: InterpreterSpec, state: dict[str
     with atomic_path(out_dir / WEIGHTS) as tmp:
         save_file({k: v.detach().cpu().float().contiguous() for k, v in state.items()}, str(tmp),
                   metadata={"format": "dit-interpreter/1", "spec": json.dumps(asdict(spec))})
-    write_json_atomic(out_dir / SPEC, asdict(spec))
+    # the weights' sha256, checked before they are read (a flipped byte is refused, naming the file)
+    write_json_atomic(out_dir / SPEC, asdict(spec) | {WEIGHTS_SHA256: sha256_file(out_dir / WEIGHTS)})
+
+
+def check_file_sha256(path: Path, recorded: str, fix: str) -> None:
+    """Refuse a file whose sha256 is not the one recorded when it was written."""
+    actual = sha256_file(path)
+    if actual != recorded:
+        raise InterpreterFileError(f"{path}: sha256 {actual[:12]}… is not the {recorded[:12]}… recorded when it "
+                                   f"was written: the file changed or is corrupt; {fix}")
 
 
 def read_interpreter(path: str | Path, base_sha256: str | None = None) -> tuple[InterpreterSpec, dict[str, torch.Tensor]]:
@@ -137,9 +148,13 @@ def read_interpreter(path: str | Path, base_sha256: str | None = None) -> tuple[
         raise InterpreterFileError(f"{path}: no interpreter here ({SPEC} and {WEIGHTS} expected); "
                                    "run `dit stage train-interpreter` or pass --interpreter")
     try:
-        spec = InterpreterSpec(**json.loads((path / SPEC).read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+        record = json.loads((path / SPEC).read_text())
+        recorded_sha = record.pop(WEIGHTS_SHA256, None)  # absent in interpreters saved before it was recorded
+        spec = InterpreterSpec(**record)
+    except (json.JSONDecodeError, TypeError, AttributeError) as e:
         raise InterpreterFileError(f"{path / SPEC}: not an interpreter spec ({e}); retrain or re-download it") from e
+    if recorded_sha is not None:
+        check_file_sha256(path / WEIGHTS, recorded_sha, "retrain (`dit stage train-interpreter`) or re-download it")
     if base_sha256 and spec.base_sha256 != base_sha256:
         raise InterpreterFileError(f"{path}: trained on base model {spec.base_model} "
                                    f"({spec.base_sha256[:12]}…), not the loaded one ({base_sha256[:12]}…)")

@@ -28,10 +28,16 @@ from tqdm.auto import tqdm
 from dit_core.data.assemble import DitDataset
 from dit_core.config import Params
 from dit_core.diffs.bank import DiffBank
-from dit_core.interpreter.adapter import InterpreterSpec, build_interpreter, label_example, save_interpreter
+from dit_core.interpreter.adapter import (
+    InterpreterSpec,
+    build_interpreter,
+    check_file_sha256,
+    label_example,
+    save_interpreter,
+)
 from dit_core.io import atomic_path, compare_record, move_aside, write_json_atomic
 from dit_core.modeling.lora import DiffModel
-from dit_core.modeling.models import LoadedModel
+from dit_core.modeling.models import LoadedModel, sha256_file
 from dit_core.modeling.schedule import warmup_cosine
 from dit_core.stop import check_stop
 from dit_core.data.schemas import read_validated
@@ -122,11 +128,11 @@ class InterpreterRecipe:
             log.warning("checkpoint in %s is for another setup (%s changed); moved to %s, training from scratch",
                         self.ckpt_dir, ", ".join(changed), stale)
             return
-        saved = json.loads(state_file.read_text())
-        self.interp.load_state(load_file(str(self.ckpt_dir / "last.safetensors")))
+        self.state = json.loads(state_file.read_text())
+        self.interp.load_state(self._load_checkpoint("last.safetensors"))
         self.opt.load_state_dict(_optimizer_from_tensors(
-            load_file(str(self.ckpt_dir / "optimizer.safetensors")), self.opt.state_dict()))
-        self.state = saved
+            self._load_checkpoint("optimizer.safetensors"), self.opt.state_dict()))
+        saved = self.state
         log.info("resuming interpreter training after epoch %d", saved["epoch"])
 
     # -- train ---------------------------------------------------------------------------------
@@ -165,14 +171,24 @@ class InterpreterRecipe:
 
     def _checkpoint(self) -> None:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.ckpt_dir / "last.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in self.interp.state().items()}, str(tmp))
-        with atomic_path(self.ckpt_dir / "optimizer.safetensors") as tmp:
-            save_file(_optimizer_tensors(self.opt.state_dict()), str(tmp))
+        files = {"last.safetensors": {k: v.contiguous() for k, v in self.interp.state().items()},
+                 "optimizer.safetensors": _optimizer_tensors(self.opt.state_dict())}
         if self.state["best_epoch"] == self.state["epoch"]:
-            with atomic_path(self.ckpt_dir / "best.safetensors") as tmp:
-                save_file({k: v.contiguous() for k, v in self.interp.state().items()}, str(tmp))
+            files["best.safetensors"] = files["last.safetensors"]
+        hashes = dict(self.state.get("sha256", {}))
+        for name, tensors in files.items():
+            with atomic_path(self.ckpt_dir / name) as tmp:
+                save_file(tensors, str(tmp))
+            hashes[name] = sha256_file(self.ckpt_dir / name)
+        self.state["sha256"] = hashes  # checked before a resume or the save reads them
         write_json_atomic(self.ckpt_dir / "state.json", self.state)  # last: marks the epoch done
+
+    def _load_checkpoint(self, name: str) -> dict[str, torch.Tensor]:
+        path = self.ckpt_dir / name
+        recorded = self.state.get("sha256", {}).get(name)
+        if recorded is not None:
+            check_file_sha256(path, recorded, f"delete {self.ckpt_dir} to train from scratch")
+        return load_file(str(path))
 
     def _append_curve(self, row: dict) -> None:
         path = self.out_dir / "train_log.csv"
@@ -242,7 +258,7 @@ class InterpreterRecipe:
     # -- save ----------------------------------------------------------------------------------
     def save(self) -> dict:
         best = self.ckpt_dir / "best.safetensors"
-        state = load_file(str(best)) if best.exists() else self.interp.state()
+        state = self._load_checkpoint(best.name) if best.exists() else self.interp.state()
         save_interpreter(self.out_dir, self.spec, state)
         summary = {k: self.state[k] for k in ("epoch", "step", "best_val", "best_epoch")}
         summary.update(n_train=self.train_df.height, n_val=self.val_df.height, kind=self.spec.kind,
