@@ -101,9 +101,16 @@ def read_shard(path: str | Path, expected: dict[str, tuple[int, int]] | None = N
     if meta.get("format") != FORMAT:
         raise DiffFileError(f"{path}: metadata format={meta.get('format')!r}, expected {FORMAT!r}; "
                             "import PEFT adapters with `dit import-peft`")
-    modules = json.loads(meta["modules"])
-    diff_ids = json.loads(meta["diff_ids"])
-    rank = int(meta["rank"])
+    try:
+        modules, diff_ids = json.loads(meta["modules"]), json.loads(meta["diff_ids"])
+        rank, scale = int(meta["rank"]), float(meta["scale"])
+        meta["base_model"], meta["base_sha256"]  # noqa: B018  (required keys)
+        if not (isinstance(modules, list) and isinstance(diff_ids, list) and rank >= 1):
+            raise ValueError("modules and diff_ids must be lists and rank >= 1")
+    except (KeyError, ValueError, TypeError) as e:
+        raise DiffFileError(f"{path}: metadata is incomplete or malformed ({type(e).__name__}: {e}); expected "
+                            "modules, diff_ids, rank, scale, base_model, base_sha256 as written by write_shard; "
+                            "regenerate the file") from None
     if base_sha256 and meta["base_sha256"] != base_sha256:
         raise DiffFileError(f"{path}: made for base model {meta['base_model']} "
                             f"(sha256 {meta['base_sha256'][:12]}…), not this one ({base_sha256[:12]}…)")
@@ -127,7 +134,7 @@ def read_shard(path: str | Path, expected: dict[str, tuple[int, int]] | None = N
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise DiffFileError(f"{path}: {name} contains NaN or Inf; the diff is broken, regenerate it")
         A[name], B[name] = a.float(), b.float()
-    return DiffShard(A, B, meta["base_model"], meta["base_sha256"], rank, float(meta["scale"]), diff_ids)
+    return DiffShard(A, B, meta["base_model"], meta["base_sha256"], rank, scale, diff_ids)
 
 
 class DiffStore:

@@ -1,0 +1,118 @@
+"""Malformed and hostile safetensors diff files are refused with a message naming the file (and the tensor
+or key where there is one), before anything large is allocated."""
+
+from __future__ import annotations
+
+import json
+import resource
+import struct
+
+import pytest
+import torch
+
+from dit_core.diffs.store import DiffFileError, DiffShard, read_shard, write_shard
+
+EXPECTED = {"layers.0.q_proj": (8, 8), "layers.0.v_proj": (8, 4)}
+META = {"format": "dit-diff/1", "modules": json.dumps(list(EXPECTED)), "diff_ids": json.dumps(["d0"]),
+        "rank": "1", "scale": "1.0", "base_model": "tiny", "base_sha256": "0" * 64}
+
+
+def _good(path, **changes):
+    A = {m: torch.randn(1, 1, o) for m, (i, o) in EXPECTED.items()}
+    B = {m: torch.randn(1, i, 1) for m, (i, o) in EXPECTED.items()}
+    for key, value in changes.items():
+        (A if key.endswith(".A") else B)[key.rsplit(".", 1)[0]] = value
+    write_shard(path, DiffShard(A, B, "tiny", "0" * 64, 1, 1.0, ["d0"]))
+    return path
+
+
+def _raw(path, header: dict, data: bytes = b"\0" * 64):
+    """A file in the safetensors layout (8-byte header length, JSON header, data) with any header."""
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+def test_intact_file_reads(tmp_path):
+    assert read_shard(_good(tmp_path / "ok.safetensors"), EXPECTED).diff_ids == ["d0"]
+
+
+def test_header_claiming_a_trillion_elements_is_refused_without_allocating(tmp_path):
+    path = _raw(tmp_path / "huge.safetensors", {"__metadata__": META, "layers.0.q_proj.A": {
+        "dtype": "F32", "shape": [1_000_000, 1_000_000], "data_offsets": [0, 64]}})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DiffFileError, match=r"huge\.safetensors: not a readable safetensors file"):
+        read_shard(path, EXPECTED)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: no 4 TB buffer, not even 200 MB
+
+
+def test_overlapping_offsets_are_refused(tmp_path):
+    t = {"dtype": "F32", "shape": [1, 1, 8]}
+    path = _raw(tmp_path / "overlap.safetensors", {"__metadata__": META, "layers.0.q_proj.A": t | {"data_offsets": [0, 32]},
+                                                   "layers.0.q_proj.B": t | {"data_offsets": [16, 48]}})
+    with pytest.raises(DiffFileError, match=r"overlap\.safetensors: not a readable safetensors file"):
+        read_shard(path, EXPECTED)
+
+
+def test_header_longer_than_the_file_is_refused(tmp_path):
+    path = tmp_path / "liar.safetensors"
+    path.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(DiffFileError, match=r"liar\.safetensors: not a readable safetensors file"):
+        read_shard(path, EXPECTED)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = _good(tmp_path / "cut.safetensors")
+    path.write_bytes(path.read_bytes()[:-16])
+    with pytest.raises(DiffFileError, match=r"cut\.safetensors: not a readable safetensors file"):
+        read_shard(path, EXPECTED)
+
+
+def test_wrong_shape_names_the_tensor_and_what_was_expected(tmp_path):
+    path = _good(tmp_path / "shape.safetensors", **{"layers.0.v_proj.A": torch.randn(1, 1, 5)})
+    with pytest.raises(DiffFileError, match=r"layers\.0\.v_proj has A\(1, 1, 5\).*expected A\(1, 1, 4\)"):
+        read_shard(path, EXPECTED)
+
+
+def test_non_float_dtype_is_refused(tmp_path):
+    A = {m: torch.ones(1, 1, o, dtype=torch.int32) for m, (i, o) in EXPECTED.items()}
+    B = {m: torch.ones(1, i, 1, dtype=torch.int32) for m, (i, o) in EXPECTED.items()}
+    from safetensors.torch import save_file
+
+    path = tmp_path / "ints.safetensors"
+    save_file({**{f"{m}.A": v for m, v in A.items()}, **{f"{m}.B": v for m, v in B.items()}}, str(path), metadata=META)
+    with pytest.raises(DiffFileError, match=r"layers\.0\.q_proj has dtype torch\.int32; expected a float type"):
+        read_shard(path, EXPECTED)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_is_refused(tmp_path, bad):
+    t = torch.randn(1, 8, 1)
+    t[0, 3, 0] = bad
+    path = _good(tmp_path / "nan.safetensors", **{"layers.0.q_proj.B": t})
+    with pytest.raises(DiffFileError, match=r"layers\.0\.q_proj contains NaN or Inf"):
+        read_shard(path, EXPECTED)
+
+
+def test_unknown_module_names_are_refused(tmp_path):
+    path = _good(tmp_path / "mods.safetensors")
+    other = {"layers.0.q_proj": (8, 8), "layers.0.k_proj": (8, 4)}
+    with pytest.raises(DiffFileError, match=r"module names do not match.*unknown: \['layers\.0\.v_proj'\].*"
+                                            r"missing: \['layers\.0\.k_proj'\]"):
+        read_shard(path, other)
+
+
+@pytest.mark.parametrize("drop", ["modules", "rank", "base_sha256"])
+def test_incomplete_metadata_names_the_key(tmp_path, drop):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "meta.safetensors"
+    save_file({"layers.0.q_proj.A": torch.ones(1, 1, 8)}, str(path), metadata={k: v for k, v in META.items() if k != drop})
+    with pytest.raises(DiffFileError, match=rf"meta\.safetensors: metadata is incomplete or malformed \(KeyError: '{drop}'\)"):
+        read_shard(path, EXPECTED)
+
+
+def test_another_base_model_is_refused(tmp_path):
+    path = _good(tmp_path / "base.safetensors")
+    with pytest.raises(DiffFileError, match=r"made for base model tiny .*not this one"):
+        read_shard(path, EXPECTED, base_sha256="f" * 64)
