@@ -212,6 +212,7 @@ def describe(
                                     help="interpreter dir or MLflow URI"),
     behavior: str = typer.Option(None, "--behavior", "-b",
                                  help="ask the question of this behaviour (default: the interpreter's first)"),
+    any_base: bool = typer.Option(False, "--any-base", help="accept PEFT adapters that record another base model"),
     params_file: str = ParamsOpt,
     profile: Optional[list[str]] = ProfileOpt,
     set_: Optional[list[str]] = SetOpt,
@@ -230,7 +231,7 @@ def describe(
     p, lm = _model_for(params)
     try:
         df = run_describe(lm, _interpreter_path(interpreter, params), diffs, list(stage_paths(p).stores.values()),
-                          p.diffs.modules, behavior=behavior)
+                          p.diffs.modules, behavior=behavior, any_base=any_base)
     except (FileNotFoundError, ValueError, KeyError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(EXIT_FAILED) from None
@@ -242,6 +243,7 @@ def describe(
 def import_peft_cmd(
     adapter_dir: str = typer.Argument(..., help="PEFT LoRA adapter directory (safetensors)"),
     out: str = typer.Argument(..., help="output diff file (.safetensors)"),
+    any_base: bool = typer.Option(False, "--any-base", help="accept an adapter that records another base model"),
     params_file: str = ParamsOpt,
     profile: Optional[list[str]] = ProfileOpt,
     set_: Optional[list[str]] = SetOpt,
@@ -257,7 +259,8 @@ def import_peft_cmd(
     params = _load(params_file, set_, profile)
     p, lm = _model_for(params)
     try:
-        shard = import_peft(adapter_dir, DiffModel(lm.model, p.diffs.modules).shapes(), lm.name, lm.sha256)
+        shard = import_peft(adapter_dir, DiffModel(lm.model, p.diffs.modules).shapes(), lm.name, lm.sha256,
+                            any_base=any_base)
     except DiffFileError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(EXIT_FAILED) from None

@@ -14,14 +14,15 @@ from dit_core.modeling.models import LoadedModel
 from dit_core.modeling.peft_io import import_peft
 
 
-def resolve_diffs(refs: list[str], dm: DiffModel, lm: LoadedModel, stores: list[Path] = ()) -> list[tuple[str, DiffShard]]:
+def resolve_diffs(refs: list[str], dm: DiffModel, lm: LoadedModel, stores: list[Path] = (),
+                  any_base: bool = False) -> list[tuple[str, DiffShard]]:
     """Turn each reference into (name, one-row DiffShard): a PEFT dir, a .safetensors file, or a diff id."""
     shapes = dm.shapes()
     out = []
     for ref in refs:
         path = Path(ref)
         if path.is_dir() and (path / "adapter_config.json").exists():
-            out.append((ref, import_peft(path, shapes, lm.name, lm.sha256)))
+            out.append((ref, import_peft(path, shapes, lm.name, lm.sha256, any_base=any_base)))
         elif path.suffix == ".safetensors" and path.is_file():
             shard = read_shard(path, shapes, lm.sha256)
             out += [(f"{ref}#{d}", shard.select([i])) for i, d in enumerate(shard.diff_ids)]
@@ -39,10 +40,11 @@ def resolve_diffs(refs: list[str], dm: DiffModel, lm: LoadedModel, stores: list[
 
 def describe(lm: LoadedModel, interpreter_dir: str | Path, refs: list[str], stores: list[Path] = (),
              modules: str = r".*", max_new_tokens: int = 16, batch_size: int = 16,
-             behavior: str | None = None) -> pl.DataFrame:
+             behavior: str | None = None, any_base: bool = False) -> pl.DataFrame:
     """One description per diff (batched, grouped by rank): columns diff, description.
 
     behavior: ask that behaviour's question (one the interpreter was trained with); default its first.
+    any_base: accept PEFT adapters that record another base model (see `import_peft`).
     """
     dm = DiffModel(lm.model, modules)
     interp = load_interpreter(dm, interpreter_dir, lm.tokenizer, lm.sha256)
@@ -51,7 +53,7 @@ def describe(lm: LoadedModel, interpreter_dir: str | Path, refs: list[str], stor
         raise ValueError(f"the interpreter in {interpreter_dir} was trained on behaviours {sorted(known) or ['(one)']}"
                          f", not {behavior!r}; pass one of those to --behavior")
     question = interp.spec.question_for(behavior)
-    diffs = resolve_diffs(refs, dm, lm, stores)
+    diffs = resolve_diffs(refs, dm, lm, stores, any_base)
     results: dict[str, str] = {}
     by_rank: dict[int, list[tuple[str, DiffShard]]] = {}
     for name, shard in diffs:

@@ -22,9 +22,19 @@ from dit_core.io import atomic_dir
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
 
+def _recorded_base(cfg: dict) -> str | None:
+    """The base model an adapter records (`base_model_name_or_path`), as a bare lower-case name."""
+    name = cfg.get("base_model_name_or_path")
+    return Path(str(name).rstrip("/")).name.lower() if name else None
+
+
 def import_peft(adapter_dir: str | Path, shapes: dict[str, tuple[int, int]], base_model: str,
-                base_sha256: str) -> DiffShard:
-    """Read a PEFT LoRA adapter (safetensors) as a one-diff shard covering every wrapped module."""
+                base_sha256: str, any_base: bool = False) -> DiffShard:
+    """Read a PEFT LoRA adapter (safetensors) as a one-diff shard covering every wrapped module.
+
+    An adapter whose adapter_config.json records another base model (by name: a hub id's or a directory's
+    last part) is refused unless `any_base`: the interpreter reads diffs of the base it was trained on.
+    """
     adapter_dir = Path(adapter_dir)
     cfg_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
     if not cfg_path.is_file():
@@ -33,10 +43,19 @@ def import_peft(adapter_dir: str | Path, shapes: dict[str, tuple[int, int]], bas
         extra = " (pickled adapter_model.bin is refused: convert it to safetensors)" if (
             adapter_dir / "adapter_model.bin").exists() else ""
         raise DiffFileError(f"{adapter_dir}: no adapter_model.safetensors{extra}")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DiffFileError(f"{cfg_path}: not a readable PEFT adapter config ({type(e).__name__}: {e}); "
+                            "expected JSON with peft_type, r and lora_alpha") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise DiffFileError(f"{adapter_dir}: peft_type={cfg.get('peft_type')}; only LoRA adapters are diffs")
-    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    recorded = _recorded_base(cfg)
+    if recorded and recorded != base_model.lower() and not any_base:
+        raise DiffFileError(f"{cfg_path}: the adapter was trained on base model {cfg['base_model_name_or_path']!r}, "
+                            f"not the loaded {base_model!r}; load that base model, or pass --any-base if it is the "
+                            "same model under another name")
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     found: dict[str, dict[str, torch.Tensor]] = {}
     try:

@@ -72,3 +72,31 @@ def test_pickle_suffixes_are_not_diffs(tiny_lm, tmp_path, sentinel, name):
     f = _pickle(tmp_path / name, sentinel)
     with pytest.raises(FileNotFoundError, match=r"neither a PEFT adapter dir, a diff .safetensors file"):
         resolve_diffs([str(f)], DiffModel(tiny_lm.model), tiny_lm)
+
+
+def test_peft_adapter_for_another_base_model_is_refused(tmp_path):
+    """Recorded base model, malformed config: each refused naming the file; --any-base accepts the first."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from dit_core.diffs.store import DiffFileError
+    from dit_core.modeling.peft_io import import_peft
+
+    d = tmp_path / "ad"
+    d.mkdir()
+    shapes = {"layers.0.q_proj": (8, 8)}
+    save_file({"base_model.model.layers.0.q_proj.lora_A.weight": torch.randn(2, 8),
+               "base_model.model.layers.0.q_proj.lora_B.weight": torch.randn(8, 2)}, str(d / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "base_model_name_or_path": "SomeOrg/Other-7B"}
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DiffFileError, match=r"adapter_config\.json: the adapter was trained on base model "
+                                            r"'SomeOrg/Other-7B', not the loaded 'smollm2-135m-instruct'.*--any-base"):
+        import_peft(d, shapes, "smollm2-135m-instruct", "0" * 64)
+    assert import_peft(d, shapes, "smollm2-135m-instruct", "0" * 64, any_base=True).rank == 2
+    (d / "adapter_config.json").write_text(json.dumps(cfg | {"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    assert import_peft(d, shapes, "smollm2-135m-instruct", "0" * 64).rank == 2  # the same model by its hub id
+    (d / "adapter_config.json").write_text("{not json")
+    with pytest.raises(DiffFileError, match=r"adapter_config\.json: not a readable PEFT adapter config"):
+        import_peft(d, shapes, "smollm2-135m-instruct", "0" * 64)
