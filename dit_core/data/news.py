@@ -23,7 +23,7 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from dit_core.data.topics import DataFileError, mentions
+from dit_core.data.topics import DataFileError, mentions, read_lines
 
 __all__ = [
     "SLOTS",
@@ -212,13 +212,7 @@ def _packaged_folder() -> Path:
 
 def _parse(path: Path) -> list[tuple[SlotValue, int]]:
     """(value, line number) for each value line of one slot file."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise DataFileError(
-            f"{path}: cannot read slot file ({e}); each slot needs a file with one 'text|key' "
-            f"value per line"
-        ) from e
+    lines = read_lines(path, "slot file (one 'text|key' value per line)")
     out = []
     for lineno, raw in enumerate(lines, start=1):
         line = raw.strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -18,6 +19,34 @@ def _resource(name: str) -> Path:
     return Path(str(resources.files("dit_core.data") / "resources" / name))
 
 
+def read_lines(path: str | Path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file; unreadable, non-UTF-8 or control characters (other than tab) are a
+    DataFileError naming the file, the line and the fix."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataFileError(f"{path}: cannot read {what} ({e})") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataFileError(f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); save the "
+                            f"{what} as UTF-8") from None
+    lines = text.splitlines()
+    for lineno, line in enumerate(lines, start=1):
+        check_text(line, f"{path}:{lineno}")
+    return lines
+
+
+def check_text(text: str, where: str) -> None:
+    """Refuse control characters (other than tab) in a label or question: they break prompts and reports."""
+    bad = sorted({c for c in text if unicodedata.category(c) == "Cc" and c != "\t"})
+    if bad:
+        raise DataFileError(f"{where}: control character(s) {', '.join(repr(c) for c in bad)} in {text[:80]!r}; "
+                            "remove them")
+
+
 def load_topics(path: str | Path | None = None) -> pl.DataFrame:
     """Topics as a frame (category, topic); rejects empty labels and duplicates (case-insensitive)."""
     path = Path(path) if path else _resource("topics.csv")
@@ -28,6 +57,8 @@ def load_topics(path: str | Path | None = None) -> pl.DataFrame:
     if set(df.columns) != {"category", "topic"}:
         raise DataFileError(f"{path}: expected columns category,topic, got {df.columns}")
     df = df.with_columns(pl.col("category").str.strip_chars(), pl.col("topic").str.strip_chars())
+    for i, (category, topic) in enumerate(df.iter_rows(), start=2):
+        check_text(f"{category or ''},{topic or ''}", f"{path}:{i}")
     empty = df.with_row_index("line", offset=2).filter(
         pl.col("topic").is_null() | (pl.col("topic") == "") | pl.col("category").is_null()
         | (pl.col("category") == "")
@@ -46,10 +77,7 @@ def load_topics(path: str | Path | None = None) -> pl.DataFrame:
 def load_questions(path: str | Path | None = None) -> list[str]:
     """Generic user questions, one per line; rejects blanks inside and duplicates."""
     path = Path(path) if path else _resource("questions.txt")
-    try:
-        lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
-    except OSError as e:
-        raise DataFileError(f"{path}: cannot read questions file ({e})") from e
+    lines = [ln.strip() for ln in read_lines(path, "questions file")]
     questions = [q for q in lines if q]
     seen: set[str] = set()
     for q in questions:
