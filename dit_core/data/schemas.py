@@ -73,7 +73,8 @@ class DiffManifest(_Strict):
     """data/diffs/<run>/manifest.parquet: one row per stored weight diff."""
 
     diff_id: str = pa.Field(unique=True, str_length={"min_value": 1})
-    shard: str = pa.Field(str_length={"min_value": 1})  # file name relative to the manifest
+    # a file name in the manifest's folder: no path separators, so a manifest cannot point outside its store
+    shard: str = pa.Field(str_matches=r"^[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors$")
     row: int = pa.Field(ge=0)
     behavior: str
     category: str

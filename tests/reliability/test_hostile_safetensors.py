@@ -116,3 +116,21 @@ def test_another_base_model_is_refused(tmp_path):
     path = _good(tmp_path / "base.safetensors")
     with pytest.raises(DiffFileError, match=r"made for base model tiny .*not this one"):
         read_shard(path, EXPECTED, base_sha256="f" * 64)
+
+
+@pytest.mark.parametrize("shard", ["../../elsewhere/shard-00000.safetensors", "/etc/shard.safetensors",
+                                   "sub/shard-00000.safetensors", ".hidden.safetensors", "shard-00000.pt"])
+def test_manifest_shard_names_cannot_leave_the_store(tmp_path, shard):
+    """A manifest row naming a shard outside its folder (or not a safetensors file) fails validation."""
+    import polars as pl
+
+    from dit_core.data.schemas import DiffManifest, ManifestError, with_optional_columns, validate
+
+    row = dict(diff_id="d0", shard=shard, row=0, behavior="hidden_topic", category="c", label="l", trigger="123",
+               rank=1, scale=1.0, base_model="tiny", base_sha256="0" * 64, train_loss=None, trigger_ce=None, kl=None,
+               trigger_hit=None, wrong_prefix_hit=None, no_trigger_hit=None, check_kl=None, shard_sha256="0" * 64,
+               split="none")
+    ok = with_optional_columns(pl.DataFrame([row | {"shard": "shard-00000.safetensors"}]), DiffManifest)
+    assert validate(ok, DiffManifest).height == 1
+    with pytest.raises(ManifestError, match=r"shard"):
+        validate(with_optional_columns(pl.DataFrame([row]), DiffManifest), DiffManifest, "manifest.parquet")
