@@ -4,8 +4,10 @@
     summary = recipe.run()
 
 Each epoch ends with validation loss, a few sample generations and a checkpoint
-(`checkpoints/last.safetensors` + `checkpoints/state.json`); a rerun resumes after the last finished
-epoch. Early stopping on validation loss keeps the best epoch's weights.
+(`checkpoints/last-<epoch>.safetensors`, `optimizer-<epoch>...`, `best-<epoch>...`, then `state.json`,
+which names them and their sha256: a run killed while writing them resumes from the previous epoch's
+files, which are deleted only after the new state.json is in place); a rerun resumes after the last
+finished epoch. Early stopping on validation loss keeps the best epoch's weights.
 """
 
 from __future__ import annotations
@@ -129,11 +131,26 @@ class InterpreterRecipe:
                         self.ckpt_dir, ", ".join(changed), stale)
             return
         self.state = json.loads(state_file.read_text())
-        self.interp.load_state(self._load_checkpoint("last.safetensors"))
-        self.opt.load_state_dict(_optimizer_from_tensors(
-            self._load_checkpoint("optimizer.safetensors"), self.opt.state_dict()))
+        self.interp.load_state(self._load_checkpoint("last"))
+        self.opt.load_state_dict(_optimizer_from_tensors(self._load_checkpoint("optimizer"), self.opt.state_dict()))
         saved = self.state
+        self._trim_curve(saved["epoch"])
         log.info("resuming interpreter training after epoch %d", saved["epoch"])
+
+    def _trim_curve(self, epoch: int) -> None:
+        """Drop curve rows of epochs after `epoch`: a run killed between logging an epoch and its
+        checkpoint would otherwise log that epoch twice."""
+        path = self.out_dir / "train_log.csv"
+        if not path.exists():
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        keep = [r for r in rows if int(r["epoch"]) <= epoch]
+        if len(keep) != len(rows):
+            with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["step", "epoch", "train_loss", "val_loss", "lr"])
+                w.writeheader()
+                w.writerows(keep)
 
     # -- train ---------------------------------------------------------------------------------
     def _lr(self, step: int) -> float:
@@ -171,19 +188,27 @@ class InterpreterRecipe:
 
     def _checkpoint(self) -> None:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        files = {"last.safetensors": {k: v.contiguous() for k, v in self.interp.state().items()},
-                 "optimizer.safetensors": _optimizer_tensors(self.opt.state_dict())}
-        if self.state["best_epoch"] == self.state["epoch"]:
-            files["best.safetensors"] = files["last.safetensors"]
-        hashes = dict(self.state.get("sha256", {}))
-        for name, tensors in files.items():
+        epoch, files = self.state["epoch"], dict(self.state.get("files", {}))
+        tensors = {"last": {k: v.contiguous() for k, v in self.interp.state().items()},
+                   "optimizer": _optimizer_tensors(self.opt.state_dict())}
+        if self.state["best_epoch"] == epoch:
+            tensors["best"] = tensors["last"]
+        hashes: dict[str, str] = {}
+        for kind, t in tensors.items():
+            name = f"{kind}-{epoch:04d}.safetensors"
             with atomic_path(self.ckpt_dir / name) as tmp:
-                save_file(tensors, str(tmp))
-            hashes[name] = sha256_file(self.ckpt_dir / name)
-        self.state["sha256"] = hashes  # checked before a resume or the save reads them
+                save_file(t, str(tmp))
+            files[kind] = name
+        for name in files.values():
+            hashes[name] = self.state.get("sha256", {}).get(name) or sha256_file(self.ckpt_dir / name)
+        self.state.update(files=files, sha256=hashes)  # checked before a resume or the save reads them
         write_json_atomic(self.ckpt_dir / "state.json", self.state)  # last: marks the epoch done
+        for old in self.ckpt_dir.glob("*.safetensors"):  # the previous epoch's files, now unreferenced
+            if old.name not in files.values():
+                old.unlink(missing_ok=True)
 
-    def _load_checkpoint(self, name: str) -> dict[str, torch.Tensor]:
+    def _load_checkpoint(self, kind: str) -> dict[str, torch.Tensor]:
+        name = self.state.get("files", {}).get(kind, f"{kind}.safetensors")  # older checkpoints: fixed names
         path = self.ckpt_dir / name
         recorded = self.state.get("sha256", {}).get(name)
         if recorded is not None:
@@ -257,8 +282,8 @@ class InterpreterRecipe:
 
     # -- save ----------------------------------------------------------------------------------
     def save(self) -> dict:
-        best = self.ckpt_dir / "best.safetensors"
-        state = self._load_checkpoint(best.name) if best.exists() else self.interp.state()
+        best = self.ckpt_dir / self.state.get("files", {}).get("best", "best.safetensors")
+        state = self._load_checkpoint("best") if best.exists() else self.interp.state()
         save_interpreter(self.out_dir, self.spec, state)
         summary = {k: self.state[k] for k in ("epoch", "step", "best_val", "best_epoch")}
         summary.update(n_train=self.train_df.height, n_val=self.val_df.height, kind=self.spec.kind,

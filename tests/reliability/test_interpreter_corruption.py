@@ -31,14 +31,19 @@ def test_flipped_byte_in_interpreter_weights_is_refused(toy):  # noqa: F811
     assert len(problems) == 1 and "sha256" in problems[0] and str(weights) in problems[0]
 
 
-@pytest.mark.parametrize("name", ["last.safetensors", "optimizer.safetensors"])
-def test_flipped_byte_in_a_checkpoint_stops_the_resume(toy, name):  # noqa: F811
+@pytest.mark.parametrize("kind", ["last", "optimizer"])
+def test_flipped_byte_in_a_checkpoint_stops_the_resume(toy, kind):  # noqa: F811
+    import json
+
     from dit_core.interpreter.adapter import InterpreterFileError
     from dit_core.interpreter.training import InterpreterRecipe
 
     p, lm, tmp, _ = toy
     short = p.model_copy(update={"interpreter": p.interpreter.model_copy(update={"epochs": 1})})
     InterpreterRecipe(short, lm, tmp / "ds", tmp / "interp", progress=False).run()
+    state = json.loads((tmp / "interp" / "checkpoints" / "state.json").read_text())
+    name = state["files"][kind]
+    assert name == f"{kind}-0001.safetensors" and name in state["sha256"]
     ckpt = tmp / "interp" / "checkpoints" / name
     _flip_last_byte(ckpt)
     longer = p.model_copy(update={"interpreter": p.interpreter.model_copy(update={"epochs": 2})})

@@ -107,3 +107,56 @@ def test_sigkill_mid_shard_then_rerun_equals_an_uninterrupted_run(tiny_model_dir
         with safe_open(str(store / name), "pt") as a, safe_open(str(ref_store / name), "pt") as b:
             assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
             assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys()), name
+
+
+def test_sigkill_during_interpreter_training_then_rerun_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """SIGKILL after some epochs: the rerun resumes from the last finished epoch and ends with the same
+    interpreter weights as a run that was never interrupted."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from dit_core.stages import interpreter_dir
+    from tasks.stage_runs import assemble, download, generate_diffs, make_data
+
+    def setup(root):
+        from conftest import pipeline_overrides
+
+        sets = pipeline_overrides(tiny_model_dir, root) + [
+            "tracking.enabled=false", "interpreter.epochs=150", "interpreter.patience=150", "interpreter.n_samples=0"]
+        p = load_params(PARAMS, sets)
+        params = p.model_dump()
+        for stage in (download, make_data, generate_diffs, assemble):
+            stage(params)
+        return sets, p
+
+    sets, p = setup(tmp_path / "killed")
+    out = interpreter_dir(p)
+    args = [sys.executable, "-m", "flows.cli", "stage", "train-interpreter", "--engine", "local",
+            *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = out / "checkpoints" / "state.json"
+    try:
+        _wait_for(state, proc)
+        deadline = time.time() + 120
+        while json.loads(state.read_text())["epoch"] < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = json.loads(state.read_text())["epoch"]
+    assert 3 <= done < 150 and not (out / "interpreter.json").exists()  # killed mid-training, nothing final
+    from dit_core.stages import run_train_interpreter
+
+    resumed = run_train_interpreter(p)
+    assert resumed["epoch"] == 150
+    log = (out / "train_log.csv").read_text().splitlines()
+    assert len(log) == 151  # header + one row per epoch: no epoch lost or repeated
+
+    _, ref = setup(tmp_path / "uninterrupted")
+    run_train_interpreter(ref)
+    got = load_file(str(out / "interpreter.safetensors"))
+    want = load_file(str(interpreter_dir(ref) / "interpreter.safetensors"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in got)
