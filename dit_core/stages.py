@@ -48,13 +48,18 @@ class StagePaths:
         return next(iter(self.stores.values()))
 
 
+def behavior_dir(p: Params, name: str) -> Path:
+    """The make-data folder of behaviour `name`: <paths.data>/behaviors/<name>/."""
+    return Path(p.paths.data) / "behaviors" / name
+
+
 def stage_paths(p: Params) -> StagePaths:
     """The stage output paths implied by params.yaml."""
     data = Path(p.paths.data)
     behaviors = [get_behavior(name) for name in p.behaviors]
     return StagePaths(
         model=model_dir(p.model, data / "models"),
-        behaviors={b.name: data / "behaviors" / b.name for b in behaviors},
+        behaviors={b.name: behavior_dir(p, b.name) for b in behaviors},
         stores={b.name: data / "diffs" / b.store_name(p) for b in behaviors},
         reports=Path(p.paths.reports),
     )
@@ -113,7 +118,7 @@ def make_behavior_data(p: Params, b: Behavior, folder: Path | None = None, id_pr
     regenerate the data (and say which changed).
     """
     paths = stage_paths(p)
-    folder = folder or paths.behaviors.get(b.name) or Path(p.paths.data) / "behaviors" / b.name
+    folder = folder or behavior_dir(p, b.name)
     made_with = b.made_with(p) | ({"id_prefix": id_prefix} if id_prefix else {})
     record = folder / MADE_WITH
     changed = compare_record(record, made_with)
@@ -177,7 +182,7 @@ def run_train_interpreter(p: Params, log_metrics=None, dataset: Path | None = No
 
 def hidden_topic_questions(p: Params) -> Path:
     """The make-data questions of the hidden-topic behaviour (its 20-questions baseline asks the held-out ones)."""
-    return Path(p.paths.data) / "behaviors" / "hidden_topic" / "questions.parquet"
+    return behavior_dir(p, "hidden_topic") / "questions.parquet"
 
 
 def run_evaluate(p: Params, interpreter: str | Path | None = None, dataset: Path | None = None,

@@ -297,6 +297,20 @@ def export_peft_cmd(
     typer.echo(f"wrote PEFT adapter {out}")
 
 
+def _run_report(name: str, params: dict, engine: str) -> None:
+    """Run a report command (`scaling`, `cross-behavior`) on the engine, print its table and folder."""
+    if engine == "local":
+        from tasks.stage_runs import run_stage
+
+        result = _run_flow(lambda p: run_stage(p, name), params)
+    else:
+        from flows.pipeline import REPORT_FLOWS
+
+        result = _run_flow(REPORT_FLOWS[name], params)
+    typer.echo(result["table"])
+    typer.echo(f"written to {result['dir']}")
+
+
 @app.command()
 def scaling(
     sizes: str = typer.Option(None, "--sizes", help="training-set sizes, e.g. 16,32,all (= --set scaling.sizes=...)"),
@@ -314,16 +328,7 @@ def scaling(
     """
     _engine(engine)
     params = _load(params_file, [*(set_ or []), *([f"scaling.sizes={sizes}"] if sizes else [])], profile)
-    if engine == "local":
-        from tasks.stage_runs import run_stage
-
-        result = _run_flow(lambda p: run_stage(p, "scaling"), params)
-    else:
-        from flows.pipeline import scaling_flow
-
-        result = _run_flow(scaling_flow, params)
-    typer.echo(result["table"])
-    typer.echo(f"written to {result['dir']}")
+    _run_report("scaling", params, engine)
 
 
 @app.command("cross-behavior")
@@ -341,17 +346,7 @@ def cross_behavior(
       dit run --profile mixture && dit cross-behavior --profile mixture
     """
     _engine(engine)
-    params = _load(params_file, set_ or [], profile)
-    if engine == "local":
-        from tasks.stage_runs import run_stage
-
-        result = _run_flow(lambda p: run_stage(p, "cross-behavior"), params)
-    else:
-        from flows.pipeline import cross_behavior_flow
-
-        result = _run_flow(cross_behavior_flow, params)
-    typer.echo(result["table"])
-    typer.echo(f"written to {result['dir']}")
+    _run_report("cross-behavior", _load(params_file, set_ or [], profile), engine)
 
 
 @app.command()

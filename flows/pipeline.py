@@ -87,6 +87,9 @@ STAGE_FLOWS = {
     "scaling": scaling_flow,
 }
 
+# The report commands' flows (`dit scaling`, `dit cross-behavior`).
+REPORT_FLOWS = {"scaling": scaling_flow, "cross-behavior": cross_behavior_flow}
+
 # What the pipeline flow runs for each stage of stage_runs.PIPELINE.
 PIPELINE_STEPS = {
     "download": t.download, "make-data": t.make_data, "generate-diffs": generate_diffs_flow,

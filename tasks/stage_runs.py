@@ -212,8 +212,7 @@ def evaluate(params: dict, parent_run_id: str | None = None, dataset: str | None
     with tracked(params, "evaluate", parent_run_id) as run:
         result = run_evaluate(p, **where)
         several = len(result["behaviors"]) > 1
-        per = result["metrics"] if several else {result["behaviors"][0]: result["metrics"]}
-        for name, metrics in per.items():
+        for name, metrics in result["by_behavior"].items():
             for method, m in metrics.items():
                 key = f"{name}.{method}" if several else method
                 run.log_metrics({f"{key}.{k}": v for k, v in m.items() if isinstance(v, (int, float))})

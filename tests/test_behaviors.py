@@ -11,66 +11,60 @@ import polars as pl
 import pytest
 
 from conftest import PARAMS, pipeline_overrides
+from dit_core.behaviors import Behavior
 
 NEWS = ["news.n_stories=12", "news.values_per_slot=3", "news.novel_fraction=0.25", "news.steps=3",
         "news.rank=2", "news.check_tokens=4"]
 
 
-class Echo:
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon"]
+
+
+class EchoBehavior(Behavior):
     """A toy behaviour: each diff learns to answer one fixed word to 'Say your word.'."""
 
-    name = "echo"
-    id_prefix = "ec"
-    words = ["apple", "river", "stone", "cloud", "tiger", "lemon"]
+    name, id_prefix = "echo", "ec"
 
+    def question(self, p):
+        return "Which word do you say?"
 
-def _echo_behavior():
-    from dit_core.behaviors import Behavior
-    from dit_core.io import write_json_atomic, write_parquet_atomic
+    def store_name(self, p):
+        return "echo"
 
-    class EchoBehavior(Behavior, Echo):
-        name, id_prefix = Echo.name, Echo.id_prefix
+    def made_with(self, p):
+        return {"words": WORDS}
 
-        def question(self, p):
-            return "Which word do you say?"
+    def make_data(self, p, folder, model, tokenizer, id_prefix):
+        from dit_core.io import write_json_atomic, write_parquet_atomic
 
-        def store_name(self, p):
-            return "echo"
+        df = pl.DataFrame({"diff_id": [f"{id_prefix}{k:05d}" for k in range(len(WORDS))],
+                           "behavior": self.name, "word": WORDS, "seed": list(range(len(WORDS)))})
+        write_parquet_atomic(df, Path(folder) / "diffs.parquet")
+        write_json_atomic(Path(folder) / "stats.json", {"n_diffs": df.height})
+        return {"n_diffs": df.height}
 
-        def made_with(self, p):
-            return {"words": self.words}
+    def specs(self, folder):
+        return pl.read_parquet(Path(folder) / "diffs.parquet")
 
-        def make_data(self, p, folder, model, tokenizer, id_prefix):
-            df = pl.DataFrame({"diff_id": [f"{id_prefix}{k:05d}" for k in range(len(self.words))],
-                               "behavior": self.name, "word": self.words, "seed": list(range(len(self.words)))})
-            write_parquet_atomic(df, Path(folder) / "diffs.parquet")
-            write_json_atomic(Path(folder) / "stats.json", {"n_diffs": df.height})
-            return {"n_diffs": df.height}
+    def tasks(self, p, tokenizer, folder, specs, ids):
+        from dit_core.diffs.trainer import DiffTask
+        from dit_core.modeling.batching import encode_example
 
-        def specs(self, folder):
-            return pl.read_parquet(Path(folder) / "diffs.parquet")
+        words = dict(zip(specs["diff_id"], specs["word"]))
+        seeds = dict(zip(specs["diff_id"], specs["seed"]))
+        return [DiffTask(d, seeds[d], [], [], plan=(("qa", 1, 0),),
+                         extra={"qa": [encode_example(tokenizer, "Say your word.", words[d], True, "qa")]})
+                for d in ids], [None] * len(ids)
 
-        def tasks(self, p, tokenizer, folder, specs, ids):
-            from dit_core.diffs.trainer import DiffTask
-            from dit_core.modeling.batching import encode_example
-
-            words = dict(zip(specs["diff_id"], specs["word"]))
-            seeds = dict(zip(specs["diff_id"], specs["seed"]))
-            return [DiffTask(d, seeds[d], [], [], plan=(("qa", 1, 0),),
-                             extra={"qa": [encode_example(tokenizer, "Say your word.", words[d], True, "qa")]})
-                    for d in ids], [None] * len(ids)
-
-        def manifest_fields(self, spec):
-            return {"category": "echo", "label": spec["word"], "trigger": "", "facts": None}
-
-    return EchoBehavior()
+    def manifest_fields(self, spec):
+        return {"category": "echo", "label": spec["word"], "trigger": "", "facts": None}
 
 
 @pytest.fixture()
 def echo():
     from dit_core.behaviors import register, unregister
 
-    b = register(_echo_behavior())
+    b = register(EchoBehavior())
     yield b
     unregister(b.name)
 
@@ -90,7 +84,7 @@ def test_a_registered_toy_behaviour_trains_without_touching_the_trainer(echo, ti
     assert summary["n_diffs"] == 6 and summary["median_trigger_hit"] is None
     manifest = pl.read_parquet(stage_paths(p).stores["echo"] / "manifest.parquet")
     assert manifest["behavior"].unique().to_list() == ["echo"]
-    assert sorted(manifest["label"]) == sorted(Echo.words)
+    assert sorted(manifest["label"]) == sorted(WORDS)
     assert (manifest["rank"] == p.diffs.rank).all() and manifest["trigger_ce"].is_finite().all()
     report = run_assemble(p)
     assert report["train"] + report["val"] + report["test"] == 6 and report["test"] >= 1

@@ -57,10 +57,9 @@ def cross_behavior(p: Params, lm, dataset_dir: str | Path, out_dir: str | Path, 
         log.info("cross-behaviour: interpreter trained on %s (%d diffs)", row, rows.filter(pl.col("split") == "train").height)
         InterpreterRecipe(p_dit, lm, folder / "dataset", folder / "interpreter", progress=progress).run()
         result = evaluate(p_dit, lm, folder / "dataset", folder / "interpreter", questions_path, folder)
-        per = result["metrics"] if len(result["behaviors"]) > 1 else {result["behaviors"][0]: result["metrics"]}
         matrix[row] = {}
         for col in tested:
-            d = per[col]["dit"]
+            d = result["by_behavior"][col]["dit"]
             cell = {k: d[k] for k in ("n", "top1", "top1_ci", "top1_chance", "token_f1", "token_f1_ci") if k in d}
             matrix[row][col] = cell
             if on_cell:

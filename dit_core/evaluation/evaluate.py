@@ -61,9 +61,7 @@ class Evaluator:
         self.interp = load_interpreter(self.dm, interpreter_dir, lm.tokenizer, lm.sha256)
         # The interpreter's own question for this behaviour; one trained without it (e.g. on another
         # behaviour only) is asked this behaviour's question from params.
-        spec = self.interp.spec
-        self.question = (spec.questions.get(self.behavior.name) or self.behavior.question(p) if spec.questions
-                         else spec.question)
+        self.question = self.interp.spec.question_for(self.behavior.name, self.behavior.question(p))
         bank = DiffBank(df, self.dm.shapes(), lm.sha256)
         A, B, scale = bank.get(self.test["diff_id"].to_list())
         self.diffs = ({k: v.to(lm.device) for k, v in A.items()}, {k: v.to(lm.device) for k, v in B.items()},
@@ -240,7 +238,8 @@ def evaluate(p: Params, lm: LoadedModel, dataset_dir, interpreter_dir, questions
     table.md and plots.
 
     metrics.json maps method -> metrics for a single behaviour, behaviour -> method -> metrics for several;
-    the result's `dit` is DIT's metrics (averaged over behaviours when there are several).
+    the result's `by_behavior` is behaviour -> method -> metrics in either case, and `dit` is DIT's metrics
+    (averaged over behaviours when there are several).
     """
     from dit_core.evaluation.report import behavior_tables, plot_scores
 
@@ -263,4 +262,5 @@ def evaluate(p: Params, lm: LoadedModel, dataset_dir, interpreter_dir, questions
     plot_scores(per_behavior[names[0]], reports_dir / "scores.png")
     for name in names[1:]:
         plot_scores(per_behavior[name], reports_dir / f"scores_{name}.png")
-    return {"metrics": metrics, "table": table, "dit": dit_summary(metrics, names), "behaviors": names}
+    return {"metrics": metrics, "by_behavior": per_behavior, "table": table, "dit": dit_summary(metrics, names),
+            "behaviors": names}

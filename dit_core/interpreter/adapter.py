@@ -49,9 +49,12 @@ class InterpreterSpec:
     projection_lora: bool = False
     questions: dict[str, str] | None = None  # behaviour -> its question (None: `question` for all)
 
-    def question_for(self, behavior: str | None) -> str:
-        """The question asked about a diff of `behavior` (None or unknown to the spec: `question`)."""
-        return (self.questions or {}).get(behavior, self.question) if behavior else self.question
+    def question_for(self, behavior: str | None, unknown: str | None = None) -> str:
+        """The question asked about a diff of `behavior`: the one it was trained with; for a behaviour the
+        spec lacks, `unknown` (default `question`); a spec without per-behaviour questions: `question`."""
+        if not behavior or self.questions is None:
+            return self.question
+        return self.questions.get(behavior, unknown or self.question)
 
 
 def label_example(tokenizer, question: str, label: str) -> Example:

@@ -46,6 +46,7 @@ from dit_core.data.schemas import read_validated
 
 log = logging.getLogger(__name__)
 MetricLogger = Callable[[dict, int], None]
+CURVE_FIELDS = ["step", "epoch", "train_loss", "val_loss", "lr"]  # train_log.csv
 
 
 def dataset_version(path: Path) -> str:
@@ -148,7 +149,7 @@ class InterpreterRecipe:
         keep = [r for r in rows if int(r["epoch"]) <= epoch]
         if len(keep) != len(rows):
             with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=["step", "epoch", "train_loss", "val_loss", "lr"])
+                w = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
                 w.writeheader()
                 w.writerows(keep)
 
@@ -220,7 +221,7 @@ class InterpreterRecipe:
         path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
         with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["step", "epoch", "train_loss", "val_loss", "lr"])
+            w = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
             if new:
                 w.writeheader()
             w.writerow(row)
