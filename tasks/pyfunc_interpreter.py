@@ -4,7 +4,9 @@
     model.predict(["path/to/peft_adapter_dir", "path/to/diffs.safetensors"])
 
 Input: weight-diff references (diff .safetensors files, PEFT adapter dirs, or stored diff ids) as a
-list of strings or a DataFrame with a `diff` column. Output: one description per diff.
+list of strings or a DataFrame with a `diff` column. Output: one description per diff; with
+`params={"details": True}` one record per diff instead: diff, description, confidence, margin, best_label,
+unsure (docs/confidence.md).
 
 The model travels without the training machine: `dit_core` rides along as logged code, third-party
 packages are pinned in its requirements, and the base model is recorded by identity
@@ -64,6 +66,8 @@ class InterpreterModel(PythonModel):
         stores = [Path(s) for s in (params or {}).get("stores") or []] or self.stores
         df = describe(self.lm, self.interpreter_dir, refs, stores, self.modules,
                       behavior=(params or {}).get("behavior") or None)
+        if (params or {}).get("details"):
+            return df.to_dicts()
         return df["description"].to_list()
 
 

@@ -58,14 +58,47 @@ def subset_table(metrics: dict, scorers=("top1", "token_f1", "slots_all")) -> st
     return "\n".join(lines) + "\n"
 
 
+def _num(v, fmt: str = "{:.2f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def confidence_table(conf: dict | None) -> str:
+    """How sure DIT's answers are (metrics `dit.confidence`): area under accuracy-coverage, the unsure
+    threshold and what it keeps on the test split, confident answers on out-of-distribution diffs; '' without."""
+    if not conf:
+        return ""
+    lines = ["| area (acc. vs coverage) | threshold | test coverage | test accuracy kept | test confident wrong | "
+             "n labels |", "|---" * 6 + "|",
+             f"| {_num(conf.get('area'))} | {_num(conf.get('threshold'), '{:.3f}')} | {_num(conf.get('test_coverage'))} "
+             f"| {_num(conf.get('test_accuracy_kept'))} | {_num(conf.get('test_confident_wrong'))} | "
+             f"{conf.get('n_labels', '')} |",
+             "", "| out-of-distribution diffs | n | mean confidence | confident (wrong) rate |", "|---" * 4 + "|"]
+    for kind, o in conf.get("ood", {}).items():
+        lines.append(f"| {OOD_NAMES.get(kind, kind)} | {o['n']} | {_num(o['mean_confidence'])} | "
+                     f"{_num(o['confident_wrong'])} |")
+    note = ("" if conf.get("calibrated") else
+            "\nNo unsure threshold recorded (an interpreter trained without validation diffs or before it was "
+            "recorded): rates need one.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+OOD_NAMES = {"noise": "random noise, same per-module norm", "zero": "zero diff",
+             "other_behavior": "another behaviour's test diffs"}
+
+
 def behavior_tables(per_behavior: dict[str, dict]) -> str:
-    """table.md: one behaviour's table as `markdown_table` (plus its subsets); several under a heading each."""
+    """table.md: one behaviour's table as `markdown_table` (plus its subsets and DIT's confidence); several
+    under a heading each."""
     parts = []
     for name, metrics in per_behavior.items():
         body = markdown_table(metrics)
         sub = subset_table(metrics)
         if sub:
             body += "\nBy test subset (how new each test diff is to the training split):\n\n" + sub
+        conf = confidence_table(metrics.get("dit", {}).get("confidence"))
+        if conf:
+            body += ("\nConfidence of DIT's answers (best known label's probability; docs/confidence.md):\n\n"
+                     + conf)
         parts.append(body if len(per_behavior) == 1 else f"## {name}\n\n{body}")
     return "\n".join(parts)
 
@@ -120,3 +153,41 @@ def plot_curves(csv_path: str | Path, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_coverage(per_behavior: dict[str, dict], reports_dir: str | Path) -> None:
+    """coverage.png (the first behaviour; coverage_<name>.png for the others): DIT's test accuracy of the
+    most confident answers against the share kept, the unsure threshold's point, and confident answers
+    on out-of-distribution diffs. Written in every case (a note when there is no confidence)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for k, (name, metrics) in enumerate(per_behavior.items()):
+        conf = metrics.get("dit", {}).get("confidence")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if conf and conf["curve"]["coverage"]:
+            c = conf["curve"]
+            ax.plot(c["coverage"], c["accuracy"], marker=".", label=f"test (area {conf['area']:.2f})")
+            if conf.get("test_coverage") is not None and conf.get("test_accuracy_kept") is not None:
+                ax.plot([conf["test_coverage"]], [conf["test_accuracy_kept"]], "o", color="red",
+                        label=f"unsure threshold {conf['threshold']:.2f}")
+            if conf.get("target") is not None:
+                ax.axhline(conf["target"], color="grey", ls="--", lw=1, label="target val accuracy")
+            ood = ", ".join(f"{kind} {o['confident_wrong']:.2f}" for kind, o in conf.get("ood", {}).items()
+                            if o.get("confident_wrong") is not None)
+            if ood:
+                ax.set_title(f"confident on out-of-distribution diffs: {ood}", fontsize=8)
+            ax.legend(fontsize=8, loc="lower left")
+        else:
+            ax.text(0.5, 0.5, "no confidence: DIT not evaluated or no label vocabulary", ha="center", va="center")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(-0.02, 1.05)
+        ax.set_xlabel("coverage (share of test diffs answered, most confident first)")
+        ax.set_ylabel("accuracy of the answers kept")
+        fig.tight_layout()
+        path = Path(reports_dir) / ("coverage.png" if k == 0 else f"coverage_{name}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)

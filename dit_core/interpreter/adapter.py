@@ -48,6 +48,9 @@ class InterpreterSpec:
     projection_hidden: int = 0
     projection_lora: bool = False
     questions: dict[str, str] | None = None  # behaviour -> its question (None: `question` for all)
+    # Recorded when training ends (dit_core.interpreter.confidence); None in interpreters saved before:
+    labels: dict[str, list[str]] | None = None  # behaviour -> its training labels (confidence vocabulary)
+    calibration: dict[str, dict] | None = None  # behaviour -> unsure threshold chosen on val
 
     def question_for(self, behavior: str | None, unknown: str | None = None) -> str:
         """The question asked about a diff of `behavior`: the one it was trained with; for a behaviour the

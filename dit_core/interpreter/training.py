@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -285,10 +286,16 @@ class InterpreterRecipe:
     def save(self) -> dict:
         best = self.ckpt_dir / self.state.get("files", {}).get("best", "best.safetensors")
         state = self._load_checkpoint("best") if best.exists() else self.interp.state()
-        save_interpreter(self.out_dir, self.spec, state)
+        # The kept weights give each behaviour's label vocabulary and unsure threshold (chosen on val).
+        from dit_core.interpreter.confidence import calibrate
+
+        self.interp.load_state(state)
+        labels, calibration = calibrate(self)
+        save_interpreter(self.out_dir, replace(self.spec, labels=labels, calibration=calibration), state)
         summary = {k: self.state[k] for k in ("epoch", "step", "best_val", "best_epoch")}
         summary.update(n_train=self.train_df.height, n_val=self.val_df.height, kind=self.spec.kind,
-                       data_version=self.spec.data_version, samples=self.state.get("samples", []))
+                       data_version=self.spec.data_version, samples=self.state.get("samples", []),
+                       calibration=calibration)
         write_json_atomic(self.out_dir / "summary.json", summary)
         return summary
 

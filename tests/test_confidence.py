@@ -1,0 +1,193 @@
+"""Answers that know when they are unsure: the confidence score, the threshold chosen on val, the
+out-of-distribution diffs, and describe/evaluate on a trained tiny interpreter."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from conftest import PARAMS, section, tiny_overrides
+from dit_core.config import load_params
+from dit_core.data.assemble import assemble
+from dit_core.interpreter.confidence import (
+    accuracy_coverage,
+    choose_threshold,
+    delta_norms,
+    from_scores,
+    is_unsure,
+    label_scores,
+    noise_diffs,
+    zero_diffs,
+)
+from dit_core.modeling.models import load_model
+from test_interpreter import LABELS, make_toy_store
+
+
+def test_confidence_is_monotone_in_the_margin():
+    labels = ["a", "b", "c", "d"]
+    margins = np.linspace(0, 8, 17)
+    scores = np.array([[-3.0 + m, -3.0, -5.0, -9.0] for m in margins])
+    c = from_scores(scores, labels)
+    assert c.best == ["a"] * len(margins)
+    assert np.allclose(c.margin, margins)
+    assert (np.diff(c.confidence) > 0).all() and c.confidence[-1] > 0.99
+    # the probability of the best label over the vocabulary: softmax of the log-likelihoods
+    assert np.isclose(c.confidence[0], np.exp(-3) / np.exp([-3, -3, -5, -9]).sum())
+    # two labels: sigmoid of the margin; ordering of columns does not matter
+    two = from_scores(np.array([[0.0, 2.0], [1.0, 1.0]]), ["x", "y"])
+    assert two.best == ["y", "x"] and np.allclose(two.confidence, [1 / (1 + np.exp(-2)), 0.5])
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        from_scores(np.array([[0.0, np.nan]]), ["x", "y"])
+    with pytest.raises(ValueError, match="expected"):
+        from_scores(np.zeros((2, 3)), ["x", "y"])
+
+
+def test_threshold_on_made_up_val_scores():
+    conf = [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    ok = [1, 1, 1, 0, 1, 1, 0, 0]
+    # kept sets by confidence: accuracies 1, 1, 1, .75, .8, .833, .714, .625
+    r = choose_threshold(conf, ok, 0.8)
+    assert r["reached"] and r["threshold"] == 0.5 and r["coverage"] == 6 / 8 and np.isclose(r["accuracy"], 5 / 6)
+    assert choose_threshold(conf, ok, 0.9)["threshold"] == 0.8
+    assert choose_threshold(conf, ok, 0.6)["threshold"] == 0.3  # every answer kept
+    none = choose_threshold([0.9, 0.8], [0, 0], 0.5)
+    assert not none["reached"] and none["threshold"] is None and none["coverage"] == 0.0
+    # ties: a threshold keeps every answer as confident, so it never splits a tie
+    tied = choose_threshold([0.9, 0.7, 0.7, 0.2], [1, 1, 0, 0], 0.75)
+    assert tied["threshold"] == 0.9 and tied["coverage"] == 0.25
+    assert is_unsure(0.49, r) and not is_unsure(0.5, r) and is_unsure(0.99, none)
+    assert is_unsure(0.5, None) is None and is_unsure(None, r) is None
+    curve = accuracy_coverage(conf, ok)
+    assert curve["accuracy"][:3] == [1.0, 1.0, 1.0] and curve["coverage"][-1] == 1.0
+    assert np.isclose(curve["area"], np.mean(np.cumsum(ok) / np.arange(1, 9)))
+
+
+def test_noise_diffs_match_each_module_norm_and_zero_diffs():
+    g = torch.Generator().manual_seed(3)
+    A = {"m1": torch.randn(3, 2, 5, generator=g), "m2": torch.randn(3, 2, 7, generator=g) * 10}
+    B = {"m1": torch.randn(3, 4, 2, generator=g), "m2": torch.randn(3, 6, 2, generator=g)}
+    A["m2"][1] = 0  # a module a diff leaves alone stays zero
+    nA, nB = noise_diffs(A, B, seed=1)
+    for m in A:
+        assert nA[m].shape == A[m].shape and nB[m].shape == B[m].shape and nA[m].dtype == A[m].dtype
+        want = torch.linalg.matrix_norm(B[m].double() @ A[m].double())
+        got = torch.linalg.matrix_norm(nB[m].double() @ nA[m].double())
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (m, got, want)
+        assert torch.allclose(delta_norms(A[m], B[m]), want, rtol=1e-6)
+        assert not torch.allclose(nA[m], A[m])
+    assert torch.equal(noise_diffs(A, B, seed=1)[0]["m1"], nA["m1"])  # seeded
+    zA, zB = zero_diffs(A, B, n=2)
+    assert zA["m1"].shape == (2, 2, 5) and zB["m2"].shape == (2, 6, 2)
+    assert all(not v.any() for v in [*zA.values(), *zB.values()])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    from dit_core.interpreter.training import InterpreterRecipe
+
+    tmp = tmp_path_factory.mktemp("confidence")
+    lm = load_model(tiny_model_dir, "cpu", "float32")
+    make_toy_store(tmp / "diffs", lm, per_label=6)
+    assemble([tmp / "diffs"], tmp / "ds", section("assemble", val_fraction=0.2, test_fraction=0.2, min_trigger_hit=0.5,
+                                                  max_wrong_prefix_hit=0.5, max_no_trigger_hit=0.25))
+    p = load_params(PARAMS, tiny_overrides(tiny_model_dir, tmp / "data") + [
+        "interpreter.rank=8", "interpreter.alpha=8", "interpreter.lr=0.01", "interpreter.epochs=20",
+        "interpreter.batch_size=4", "interpreter.warmup_steps=2", "interpreter.patience=20",
+        "interpreter.n_samples=0", "interpreter.unsure_accuracy=0.75", "eval.methods=[dit]", "eval.n_boot=100",
+        "eval.max_new_tokens=6"])
+    summary = InterpreterRecipe(p, lm, tmp / "ds", tmp / "interp", progress=False).run()
+    return p, lm, tmp, summary
+
+
+def test_training_records_labels_and_the_val_threshold(trained):
+    p, lm, tmp, summary = trained
+    spec = json.loads((tmp / "interp" / "interpreter.json").read_text())
+    assert spec["labels"] == {"hidden_topic": sorted(LABELS)}
+    cal = spec["calibration"]["hidden_topic"]
+    ds = pl.read_parquet(tmp / "ds" / "dataset.parquet")
+    assert cal["n"] == ds.filter(pl.col("split") == "val").height and cal["target"] == 0.75
+    assert cal["reached"] and 0 < cal["threshold"] <= 1 and cal["accuracy"] >= 0.75 and cal["coverage"] > 0
+    assert summary["calibration"] == spec["calibration"]
+
+
+def test_describe_returns_confidence_and_unsure(trained):
+    from dit_core.interpreter.describe import describe
+
+    p, lm, tmp, _ = trained
+    ds = pl.read_parquet(tmp / "ds" / "dataset.parquet").filter(pl.col("split") == "test").sort("diff_id")
+    shard = tmp / "diffs" / sorted(p.name for p in (tmp / "diffs").glob("*.safetensors"))[0]
+    got = describe(lm, tmp / "interp", ds["diff_id"].to_list(), [tmp / "diffs"], max_new_tokens=6)
+    assert got.columns == ["diff", "description", "confidence", "margin", "best_label", "unsure"]
+    assert got["confidence"].is_between(1 / len(LABELS), 1).all() and got["unsure"].dtype == pl.Boolean
+    threshold = json.loads((tmp / "interp" / "interpreter.json").read_text())["calibration"]["hidden_topic"]["threshold"]
+    assert (got["unsure"] == (got["confidence"] < threshold)).all()
+    acc = (got["best_label"] == ds["label"]).mean()
+    assert acc >= 0.5, got  # chance 0.25
+    # the description and the best label agree where the interpreter is sure
+    sure = got.filter(~pl.col("unsure"))
+    assert (sure["description"] == sure["best_label"]).mean() >= 0.5, sure
+    # a whole diff file works as well (one row per diff in it)
+    assert describe(lm, tmp / "interp", [str(shard)], max_new_tokens=2)["confidence"].null_count() == 0
+
+
+def test_interpreter_without_recorded_labels_still_describes(trained, tmp_path):
+    import shutil
+
+    from dit_core.interpreter.describe import describe
+
+    p, lm, tmp, _ = trained
+    old = shutil.copytree(tmp / "interp", tmp_path / "old", ignore=shutil.ignore_patterns("checkpoints*"))
+    spec = json.loads((old / "interpreter.json").read_text())
+    calibrated = dict(spec)
+    for key in ("labels", "calibration"):
+        spec.pop(key)
+    (old / "interpreter.json").write_text(json.dumps(spec))  # as saved before they were recorded
+    diff_id = pl.read_parquet(tmp / "ds" / "dataset.parquet")["diff_id"][0]
+    got = describe(lm, old, [diff_id], [tmp / "diffs"], max_new_tokens=4)
+    assert got["description"][0] and got["confidence"][0] is None and got["unsure"][0] is None
+    # labels without a threshold (no val diffs): a confidence, unsure unknown
+    calibrated["calibration"] = {}
+    (old / "interpreter.json").write_text(json.dumps(calibrated))
+    got = describe(lm, old, [diff_id], [tmp / "diffs"], max_new_tokens=4)
+    assert 0 < got["confidence"][0] <= 1 and got["unsure"][0] is None
+
+
+def test_zero_diff_scores_as_no_diff(trained):
+    from dit_core.diffs.bank import DiffBank
+    from dit_core.interpreter.adapter import load_interpreter
+    from dit_core.modeling.lora import DiffModel
+
+    p, lm, tmp, _ = trained
+    dm = DiffModel(lm.model)
+    interp = load_interpreter(dm, tmp / "interp", lm.tokenizer, lm.sha256)
+    ds = pl.read_parquet(tmp / "ds" / "dataset.parquet")
+    A, B, scale = DiffBank(ds, dm.shapes(), lm.sha256).get(ds["diff_id"].head(2).to_list())
+    zA, zB = zero_diffs(A, B)
+    q = interp.spec.question
+    with_zero = label_scores(interp, lm.tokenizer, q, LABELS, (zA, zB, scale[:1]), [0])
+    without = label_scores(interp, lm.tokenizer, q, LABELS, None, [0])
+    real = label_scores(interp, lm.tokenizer, q, LABELS, (A, B, scale), [0])
+    assert np.allclose(with_zero, without, atol=1e-4) and not np.allclose(real, without, atol=1e-2)
+
+
+def test_evaluate_reports_coverage_and_confident_wrong_rates(trained):
+    from dit_core.evaluation.evaluate import evaluate
+
+    p, lm, tmp, _ = trained
+    questions = tmp / "questions.parquet"
+    pl.DataFrame({"question": ["What is this?"], "heldout": [True]}).write_parquet(questions)
+    evaluate(p, lm, tmp / "ds", tmp / "interp", questions, tmp / "reports")
+    metrics = json.loads((tmp / "reports" / "metrics.json").read_text())
+    conf = metrics["dit"]["confidence"]
+    n_test = pl.read_parquet(tmp / "ds" / "dataset.parquet").filter(pl.col("split") == "test").height
+    assert len(conf["curve"]["coverage"]) == n_test and 0 <= conf["area"] <= 1
+    assert conf["calibrated"] and conf["threshold"] is not None and 0 <= conf["test_coverage"] <= 1
+    assert set(conf["ood"]) == {"noise", "zero"}  # one behaviour: no other behaviour's diffs
+    assert conf["ood"]["noise"]["n"] == n_test and conf["ood"]["zero"]["n"] == 1
+    for o in conf["ood"].values():
+        assert 0 <= o["confident_wrong"] <= 1 and 0 < o["mean_confidence"] <= 1
+    table = (tmp / "reports" / "table.md").read_text()
+    assert "Confidence of DIT's answers" in table and "zero diff" in table
+    assert (tmp / "reports" / "coverage.png").stat().st_size > 1000
