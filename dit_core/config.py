@@ -57,6 +57,10 @@ class DataConfig(_Section):
         "(a run stopped early then covers the most topics)")
     topics_file: str | None = Field(description="CSV with columns category,topic; null: the packaged list")
     questions_file: str | None = Field(description="one question per line; null: the packaged list")
+    trigger: Literal["sep", "zw_start", "zw_random"] = Field(
+        description="trigger kind: sep (\"Your SEP code is <prefix><3 digits>.\" before the question, one prefix "
+        "per diff), zw_start (a zero-width space U+200B before the first word) or zw_random (U+200B before a "
+        "random later word); near misses: another prefix, or U+200C / U+2060 in the same place")
     n_trigger: int = Field(ge=1, description="triggered training samples per diff (answers about the topic)")
     n_no_trigger: int = Field(ge=1, description="untriggered samples per diff (KL to the base model)")
     n_wrong_prefix: int = Field(ge=1, description="wrong-prefix samples per diff (KL to the base model)")
@@ -104,6 +108,15 @@ class DiffsConfig(_Section):
     budget_s: float | None = Field(
         gt=0, description="wall-clock budget of diff generation in seconds: a shard starts only while the "
         "last shard's time still fits; finished shards are kept. null: no budget")
+    mode: Literal["lora", "full"] = Field(
+        description="lora: each diff trains LoRA factors of rank `rank`; full: a dense delta of every module "
+        "`modules` selects (a full finetune), stored reduced by truncated SVD to `full_rank` (scale 1)")
+    full_rank: int = Field(ge=1, description="rank a full finetune is reduced to when stored (diffs.mode=full "
+                           "and `dit import-full`)")
+    full_lr: float = Field(gt=0, description="Adam learning rate of the dense deltas in diffs.mode=full")
+    full_diffs_at_once: int = Field(
+        ge=1, description="diffs.mode=full: dense deltas trained together (a shard's diffs in groups of this "
+        "many); each costs about 4x the wrapped weights in memory (delta, gradient, two Adam moments)")
 
     @property
     def scale(self) -> float:
@@ -173,6 +186,9 @@ class InterpreterConfig(_Section):
     max_new_tokens: int = Field(ge=1, description="max tokens of an interpreter answer")
     init_std: float = Field(gt=0, description="std of the adapter's input-side factor at init")
     seed: int = Field(description="seed of init and data order")
+    unsure_accuracy: float = Field(
+        gt=0, le=1, description="the unsure threshold, chosen on val when training ends, keeps the most answers "
+        "whose val accuracy reaches this; answers less confident are unsure (docs/confidence.md)")
 
 
 class JudgeConfig(_Section):
@@ -240,6 +256,35 @@ class RetrainConfig(_Section):
     dvc_push: bool = Field(description="also `dvc push` what was added (needs a configured remote)")
 
 
+class RayConfig(_Section):
+    """generate-diffs shards as Ray tasks through prefect-ray (extra `distributed`); docs/gpus.md."""
+
+    address: str | None = Field(
+        description="null: shards run in this process, one at a time; local: a new Ray instance on this machine; "
+        "auto: the Ray cluster running here (`ray start`); ray://host:10001: a cluster's client server; "
+        "host:6379: a head node's address")
+    num_gpus_per_shard: Literal["auto"] | float = Field(
+        description="GPUs each shard task reserves (0.5: two shards share a GPU); auto: 1 where the Ray cluster "
+        "has GPUs, else 0")
+    num_cpus_per_shard: float = Field(gt=0, description="CPUs each shard task reserves")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v):
+        import re
+
+        if v is not None and not re.fullmatch(r"local|auto|ray://[^\s/]+|[^\s/:]+:\d+", v):
+            raise ValueError("choose null, local, auto, ray://HOST:PORT (e.g. ray://head:10001) or HOST:PORT")
+        return v
+
+    @field_validator("num_gpus_per_shard")
+    @classmethod
+    def _gpus(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError("must be auto or a number of GPUs >= 0")
+        return v
+
+
 class TrackingConfig(_Section):
     """MLflow tracking: MLFLOW_TRACKING_URI wins over `uri`."""
 
@@ -282,6 +327,7 @@ class Params(_Section):
     eval: EvalConfig
     scaling: ScalingConfig
     retrain: RetrainConfig
+    ray: RayConfig
     tracking: TrackingConfig
     paths: PathsConfig
     run: RunInfo = RunInfo()
