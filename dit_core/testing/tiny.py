@@ -1,7 +1,9 @@
-"""A tiny randomly initialised Llama-style model + tokenizer, built offline in about a second.
+"""Tiny randomly initialised models + tokenizer, built offline in about a second.
 
 Used by the unit tests, the orchestration tests and the GPU smoke script: the real code paths
 (chat template, padding, generation, LoRA wrapping) on a model small enough to train in seconds.
+The default is a Llama (SmolLM2's architecture); `family` also builds the other base-model families
+of the paper from their own transformers configs: Qwen3 and Gemma 3 (text).
 """
 
 from __future__ import annotations
@@ -41,32 +43,55 @@ def build_tokenizer(vocab_size: int = 2048):
     return fast
 
 
-def build_tiny_model(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0):
-    """A LlamaForCausalLM with random weights (tied embeddings, like SmolLM2)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+FAMILIES = ("llama", "qwen3", "gemma3")
 
+
+def _family_config(family: str, vocab_size: int, hidden: int, layers: int):
+    """The transformers config and causal-LM class of a tiny model of `family` (tied embeddings)."""
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if family == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaConfig(**common), LlamaForCausalLM
+    if family == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        # Qwen3: per-head q/k RMSNorm, explicit head_dim
+        return Qwen3Config(**common, head_dim=hidden // 4), Qwen3ForCausalLM
+    if family == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        # Gemma 3 text: scaled embeddings, q/k norms, sandwich norms, GeLU MLP, sliding and full attention layers
+        types = (["sliding_attention"] * (layers - 1) + ["full_attention"])[:layers]
+        return Gemma3TextConfig(**common, head_dim=hidden // 4, query_pre_attn_scalar=hidden // 4,
+                                sliding_window=16, layer_types=types), Gemma3ForCausalLM
+    raise ValueError(f"family={family!r}: expected one of {', '.join(FAMILIES)}")
+
+
+def build_tiny_model(vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0, family: str = "llama"):
+    """A causal LM of `family` (default a LlamaForCausalLM) with random weights (tied embeddings, like SmolLM2)."""
+    cfg, cls = _family_config(family, vocab_size, hidden, layers)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=True,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    model = LlamaForCausalLM(cfg)
+    model = cls(cfg)
     # Larger (tied) embeddings: with the default 0.02 the final RMSNorm caps every logit near 0.5,
     # so no adapter could ever make the tiny model answer confidently.
     model.get_input_embeddings().weight.data.normal_(0.0, 0.25)
     return model
 
 
-def make_tiny_model_dir(out: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
-    """Write an HF-format tiny model directory (with dit_source.json) and return its path."""
+def make_tiny_model_dir(out: str | Path, hidden: int = 32, layers: int = 2, seed: int = 0,
+                        family: str = "llama") -> Path:
+    """Write an HF-format tiny model directory of `family` (with dit_source.json) and return its path."""
     out = Path(out)
     tok = build_tokenizer()
-    model = build_tiny_model(len(tok), hidden, layers, seed)
+    model = build_tiny_model(len(tok), hidden, layers, seed, family)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        write_json_atomic(tmp / SOURCE_FILE, {"source": "local", "id": "tiny", "revision": None,
-                                              "sha256": weights_sha256(tmp)})
+        write_json_atomic(tmp / SOURCE_FILE, {"source": "local", "id": "tiny" if family == "llama" else f"tiny-{family}",
+                                              "revision": None, "sha256": weights_sha256(tmp)})
     return out
 
 
