@@ -377,7 +377,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"--set {text!r}: empty key")
-    return key, yaml.safe_load(raw) if raw.strip() else ""
+    if key.split(".")[0] == "run":  # the loader writes the run record last: an override would be lost
+        raise ConfigError(f"--set {text!r}: 'run' is filled in by the loader and cannot be set")
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote a "
+                          f"string value, e.g. --set '{key}=\"...\"'") from None
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -403,11 +409,11 @@ def params_from_dict(tree: dict, source: str = "params") -> Params:
 
 
 def _read_mapping(path: Path, what: str) -> dict:
-    try:
-        loaded = yaml.safe_load(path.read_text())
+    try:  # libyaml's safe loader when PyYAML has it: the same documents, ~50x faster than pure Python
+        loaded = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} not found") from None
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:  # UnicodeDecodeError: not UTF-8 text
         raise ConfigError(f"{what} {path} cannot be read: {e}") from None
     if loaded is None:
         return {}

@@ -14,7 +14,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from dit_core.diffs.store import DiffFileError, read_shard
+from dit_core.diffs.store import DiffFileError, read_shard, store_file
 
 
 def _check_shard(path: Path, sha256: str | None, problems: list[str]) -> int:
@@ -33,7 +33,12 @@ def _check_shards(rows: pl.DataFrame, root_of, problems: list[str]) -> dict:
     shards = rows.select(cols).unique(maintain_order=True)
     n_diffs = 0
     for r in shards.iter_rows(named=True):
-        n_diffs += _check_shard(root_of(r) / r["shard"], r["shard_sha256"], problems)
+        try:
+            path = store_file(root_of(r), r["shard"])
+        except DiffFileError as e:  # a name or symlink leading out of the store: never read
+            problems.append(str(e))
+            continue
+        n_diffs += _check_shard(path, r["shard_sha256"], problems)
     return {"shards": shards.height, "diffs_in_shards": n_diffs}
 
 

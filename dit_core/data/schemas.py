@@ -101,10 +101,17 @@ class DiffManifest(_Strict):
 
 def validate(df: pl.DataFrame, schema: type[pa.DataFrameModel], source: str = "frame") -> pl.DataFrame:
     """Validate (schema and values, all errors collected); return the coerced frame."""
+    # Missing columns first: pandera's unique check on an absent column raises polars' own error.
+    missing = [c for c in schema.to_schema().columns if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{source} does not match schema {schema.__name__}: missing columns {missing}; "
+                            "rerun the stage that writes it")
     try:
         return schema.validate(df, lazy=True)
     except (SchemaErrors, SchemaError) as e:
         raise ManifestError(f"{source} does not match schema {schema.__name__}:\n{e}") from None
+    except pl.exceptions.PolarsError as e:  # a value polars cannot check (e.g. a column of another type)
+        raise ManifestError(f"{source} does not match schema {schema.__name__}: {type(e).__name__}: {e}") from None
 
 
 def with_optional_columns(df: pl.DataFrame, schema: type[pa.DataFrameModel]) -> pl.DataFrame:

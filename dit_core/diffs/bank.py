@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from dit_core.diffs.store import DiffShard, read_shard
+from dit_core.diffs.store import DiffShard, read_shard, store_file
 from dit_core.modeling.batching import to_device
 
 
@@ -31,8 +31,10 @@ class DiffBank:
 
     def __init__(self, index: pl.DataFrame, expected: dict[str, tuple[int, int]] | None = None,
                  base_sha256: str | None = None, cache_shards: int = 8):
-        # index: one row per diff with columns diff_id, store, shard, row
-        self._where = {d: (Path(s) / sh, r) for d, s, sh, r in
+        # index: one row per diff with columns diff_id, store, shard, row; each shard must be a file in
+        # its store's folder (store_file refuses a name or symlink that leads out of it)
+        files = {(s, sh): store_file(s, sh) for s, sh in index.select("store", "shard").unique().iter_rows()}
+        self._where = {d: (files[s, sh], r) for d, s, sh, r in
                        index.select("diff_id", "store", "shard", "row").iter_rows()}
         # the sha256 each shard had when it was written, checked the first time a shard is read (a streamed
         # shard is read again every epoch; hashing it each time would double the reads)

@@ -29,6 +29,21 @@ class DiffFileError(ValueError):
     """A diff file is malformed or does not fit the base model; the message names file and fix."""
 
 
+def store_file(root: str | Path, name: str) -> Path:
+    """The shard `name` of the store in `root`; refused (DiffFileError) unless it is a plain file name there
+    that does not lead, through a symlink, outside that folder: a manifest cannot make a read leave its store."""
+    root = Path(root)
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise DiffFileError(f"{root}: the manifest names shard {name!r}, which is not a file name in the store's "
+                            "folder; regenerate the manifest with `dit stage generate-diffs`")
+    path = root / name
+    real, base = path.resolve(), root.resolve()
+    if not real.is_relative_to(base):
+        raise DiffFileError(f"{path}: leads (through a symlink) to {real}, outside the store {base}; a shard must "
+                            "be a file in its store's folder: copy the file in place of the link, or regenerate it")
+    return path
+
+
 @dataclass
 class DiffShard:
     """Stacked factors of T diffs and the metadata they were stored with."""
@@ -199,7 +214,7 @@ class DiffStore:
             raise KeyError(f"{self.root}: unknown diff ids {sorted(missing)[:5]}")
         parts: dict[str, tuple[DiffShard, int]] = {}
         for (shard_name, sha), g in m.group_by("shard", "shard_sha256", maintain_order=True):
-            shard = read_shard(self.root / shard_name, expected, base_sha256, sha)
+            shard = read_shard(store_file(self.root, shard_name), expected, base_sha256, sha)
             for d, r in zip(g["diff_id"], g["row"]):
                 parts[d] = (shard, r)
         first = parts[diff_ids[0]][0]

@@ -134,3 +134,44 @@ def test_manifest_shard_names_cannot_leave_the_store(tmp_path, shard):
     assert validate(ok, DiffManifest).height == 1
     with pytest.raises(ManifestError, match=r"shard"):
         validate(with_optional_columns(pl.DataFrame([row]), DiffManifest), DiffManifest, "manifest.parquet")
+
+
+def test_a_shard_symlinked_outside_the_store_is_refused(tmp_path):
+    """A store whose shard is a symlink to a file outside its folder (a plain, valid name in the
+    manifest): the store, the diff bank and `dit verify` refuse it, naming the link and where it leads."""
+    import polars as pl
+
+    from dit_core.diffs.bank import DiffBank
+    from dit_core.diffs.store import DiffStore, store_file
+    from dit_core.verify import verify
+
+    store = DiffStore(tmp_path / "store")
+    store.root.mkdir()
+    A = {m: torch.randn(1, 1, o) for m, (i, o) in EXPECTED.items()}
+    B = {m: torch.randn(1, i, 1) for m, (i, o) in EXPECTED.items()}
+    row = dict(diff_id="d0", row=0, behavior="hidden_topic", category="c", label="l", trigger="123", rank=1,
+               scale=1.0, base_model="tiny", base_sha256="0" * 64, split="none")
+    store.add_shard(0, DiffShard(A, B, "tiny", "0" * 64, 1, 1.0, ["d0"]), [row])
+    store.write_manifest(1)
+    assert store.load(["d0"], EXPECTED).diff_ids == ["d0"]  # the plain store reads
+
+    outside = tmp_path / "elsewhere" / "secret.safetensors"
+    outside.parent.mkdir()
+    store.shard_path(0).rename(outside)  # same bytes (the recorded sha256 still matches), now outside
+    store.shard_path(0).symlink_to(outside)
+    for read in (lambda: store.load(["d0"], EXPECTED),
+                 lambda: DiffBank(store.manifest().with_columns(store=pl.lit(str(store.root))), EXPECTED)):
+        with pytest.raises(DiffFileError, match=r"shard-00000\.safetensors: leads \(through a symlink\) to "
+                                                r".*elsewhere/secret\.safetensors, outside the store"):
+            read()
+    problems = verify(store.root)["problems"]
+    assert len(problems) == 1 and "outside the store" in problems[0]
+
+    # a symlink that stays inside the store is an ordinary file of it; a link to the folder's parent is not
+    store.shard_path(0).unlink()
+    outside.rename(store.root / "real.safetensors")
+    store.shard_path(0).symlink_to(store.root / "real.safetensors")
+    assert store.load(["d0"], EXPECTED).diff_ids == ["d0"] and verify(store.root)["problems"] == []
+    for name in ("..", ".", "", "a/b.safetensors"):
+        with pytest.raises(DiffFileError, match="not a file name in the store's folder"):
+            store_file(store.root, name)
