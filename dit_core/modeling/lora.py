@@ -91,6 +91,25 @@ def linear_module_names(model: nn.Module, pattern: str = r".*") -> list[str]:
     return names
 
 
+def unwrappable_reason(model: nn.Module, pattern: str) -> str:
+    """Why no layer of `model` can carry diffs for `diffs.modules=pattern`: what was expected, what was found."""
+    decoder = linear_module_names(model)
+    if decoder:
+        return (f"diffs.modules={pattern!r} matches none of the {len(decoder)} linear layers of "
+                f"{type(model).__name__}'s decoder (e.g. {', '.join(decoder[:3])}); set diffs.modules to a regex "
+                "over those names")
+    found: dict[str, list[str]] = {}
+    for name, mod in model.named_modules():
+        weight = getattr(mod, "weight", None)
+        if name and not list(mod.children()) and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+                and not isinstance(mod, nn.Embedding):
+            where = "" if ".layers." in f".{name}" or not isinstance(mod, nn.Linear) else " outside .layers."
+            found.setdefault(type(mod).__name__ + where, []).append(name)
+    seen = "; ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in found.items()) or "no 2-D weight layers"
+    return (f"{type(model).__name__} has no layer diffs can be trained on: expected torch.nn.Linear projections "
+            "inside decoder layers named <...>.layers.<i>.<...> (as in Llama, Qwen3, Gemma 3), found " + seen)
+
+
 def _equal_groups(row_index: torch.Tensor | list[int] | None, A: torch.Tensor | None) -> int | None:
     """n when row_index is [0]*n + [1]*n + ... + [N-1]*n for all N installed diffs, else None.
 
@@ -118,7 +137,7 @@ class DiffModel:
         self.model = model
         self.names = linear_module_names(model, pattern)
         if not self.names:
-            raise ValueError(f"diffs.modules={pattern!r} matches no linear layer of the model")
+            raise ValueError(unwrappable_reason(model, pattern))
         self.layers: dict[str, DiffLinear] = {}
         for name in self.names:
             parent_name, _, child = name.rpartition(".")
