@@ -51,7 +51,7 @@ def imported(model_dir, adapter):
 
 
 CASES = {
-    # name: (LoraConfig kwargs, modules that must carry a diff, expected rank, expected scale)
+    # name: (LoraConfig kwargs, modules that must hold a diff, expected rank, expected scale)
     "rslora": (dict(r=4, lora_alpha=8, use_rslora=True), ATTENTION + MLP, 4, 8 / 2),
     "attention_only": (dict(r=2, lora_alpha=2, target_modules=ATTENTION), ATTENTION, 2, 1.0),
     "mlp_only": (dict(r=2, lora_alpha=4, target_modules=MLP), MLP, 2, 2.0),

@@ -92,7 +92,7 @@ def linear_module_names(model: nn.Module, pattern: str = r".*") -> list[str]:
 
 
 def unwrappable_reason(model: nn.Module, pattern: str) -> str:
-    """Why no layer of `model` can carry diffs for `diffs.modules=pattern`: what was expected, what was found."""
+    """Why no layer of `model` can hold diffs for `diffs.modules=pattern`: what was expected, what was found."""
     decoder = linear_module_names(model)
     if decoder:
         return (f"diffs.modules={pattern!r} matches none of the {len(decoder)} linear layers of "
