@@ -265,7 +265,9 @@ def import_peft_cmd(
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(EXIT_FAILED) from None
     write_shard(out, shard)
-    typer.echo(f"wrote {out} (rank {shard.rank}, scale {shard.scale:g}, {len(shard.modules)} modules)")
+    touched = sum(bool(shard.A[m].abs().sum() > 0) for m in shard.modules)
+    typer.echo(f"wrote {out} (rank {shard.rank}, scale {shard.scale:g}, {touched} of {len(shard.modules)} "
+               "modules hold the adapter; the others are zero)")
 
 
 @app.command("export-peft")

@@ -170,3 +170,28 @@ def test_lm_head_lora_and_bad_configs_are_refused(tiny_model_dir, tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"q_proj": 3}}))
     with pytest.raises(DiffFileError, match=r"q_proj has lora_A\(2, 32\).*expected lora_A\(3, 32\).*rank_pattern"):
         imported(tiny_model_dir, adapter)
+
+
+def test_cli_import_peft_writes_the_diff_and_refuses_dora(tiny_model_dir, tmp_path):
+    from peft import LoraConfig
+    from typer.testing import CliRunner
+
+    from conftest import PARAMS, section
+    from dit_core.diffs.store import read_shard
+    from dit_core.modeling.models import fetch_model
+    from flows.cli import app
+
+    fetch_model(section("model", source="local", id=str(tiny_model_dir)), tmp_path / "data" / "models")
+    args = ["--params", str(PARAMS), "--set", "model.source=local", "--set", f"model.id={tiny_model_dir}",
+            "--set", f"paths.data={tmp_path / 'data'}", "--set", "model.device=cpu"]
+    adapter, theirs = peft_adapter(tiny_model_dir, tmp_path / "mlp", LoraConfig(r=8, lora_alpha=4, target_modules=MLP))
+    res = CliRunner().invoke(app, ["import-peft", str(adapter), str(tmp_path / "mlp.safetensors"), *args])
+    assert res.exit_code == 0, res.output
+    assert "rank 8, scale 0.5, 6 of 14 modules hold the adapter" in res.output
+    lm = load_model(tiny_model_dir, "cpu", "float32")
+    shard = read_shard(tmp_path / "mlp.safetensors", DiffModel(lm.model).shapes(), lm.sha256)
+    torch.testing.assert_close(our_logits(tiny_model_dir, shard)[0], theirs, atol=1e-5, rtol=1e-4)
+    dora, _ = peft_adapter(tiny_model_dir, tmp_path / "dora", LoraConfig(r=2, target_modules=MLP, use_dora=True))
+    res = CliRunner().invoke(app, ["import-peft", str(dora), str(tmp_path / "dora.safetensors"), *args])
+    assert res.exit_code != 0 and "use_dora=True: DoRA" in res.output
+    assert not (tmp_path / "dora.safetensors").exists()
