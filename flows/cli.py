@@ -231,7 +231,7 @@ def describe(
     p, lm = _model_for(params)
     try:
         df = run_describe(lm, _interpreter_path(interpreter, params), diffs, list(stage_paths(p).stores.values()),
-                          p.diffs.modules, behavior=behavior, any_base=any_base)
+                          p.diffs.modules, behavior=behavior, any_base=any_base, full_rank=p.diffs.full_rank)
     except (FileNotFoundError, ValueError, KeyError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(EXIT_FAILED) from None
@@ -303,6 +303,40 @@ def _run_report(name: str, params: dict, engine: str) -> None:
     """Run a report command (`scaling`, `cross-behavior`) on the engine, print its table and folder."""
     if engine == "local":
         from tasks.stage_runs import run_stage
+@app.command("import-full")
+def import_full_cmd(
+    model_dir: str = typer.Argument(..., help="finetuned model directory of the base model (safetensors)"),
+    out: str = typer.Argument(..., help="output diff file (.safetensors); the report goes beside it"),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", min=1,
+                                       help="rank each module's weight change is reduced to (default diffs.full_rank)"),
+    top: int = typer.Option(15, "--top", help="modules and tensors shown in the printed table"),
+    params_file: str = ParamsOpt,
+    profile: Optional[list[str]] = ProfileOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Turn a full finetune of the base model into a diff by truncated SVD per module (docs/full-finetunes.md).
+
+    Prints the share of each module's Frobenius norm kept (worst first) and the weights a diff cannot
+    represent; writes both as <OUT name>.report.json.
+
+    Example: dit import-full my_finetune/ data/imported/my_finetune.safetensors --rank 16
+    """
+    from dit_core.diffs.full import format_report, import_full, write_full
+    from dit_core.diffs.store import DiffFileError
+    from dit_core.modeling.lora import DiffModel
+
+    params = _load(params_file, set_, profile)
+    p, lm = _model_for(params)
+    try:
+        shard, report = import_full(model_dir, DiffModel(lm.model, p.diffs.modules), lm, rank or p.diffs.full_rank)
+    except DiffFileError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    path = write_full(out, shard, report)
+    typer.echo(format_report(report, top))
+    typer.echo(f"wrote {out} (rank {shard.rank}, scale 1, {len(shard.modules)} modules) and {path}")
+
+
 
         result = _run_flow(lambda p: run_stage(p, name), params)
     else:

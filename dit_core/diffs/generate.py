@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import polars as pl
 
 from dit_core.behaviors import behavior_of
 from dit_core.config import Params
+from dit_core.diffs.full import train_full_diffs
 from dit_core.diffs.store import DiffShard, DiffStore
 from dit_core.diffs.trainer import train_diffs
 from dit_core.io import compare_record, write_json_atomic
@@ -26,12 +28,32 @@ CHECK_COLUMNS = ("trigger_hit", "wrong_prefix_hit", "no_trigger_hit", "check_kl"
 def _run_identity(p: Params, lm: LoadedModel, behavior_dir: Path) -> dict:
     """What must match for a rerun to resume instead of starting over."""
     cfg = behavior_of(behavior_dir).diffs_config(p)
+    # Left out: what changes how many diffs are made or how a step is split into micro-batches (the
+    # same gradient), not the diffs themselves, so finished shards stay valid when these change; and the
+    # full-finetune settings of a LoRA store (stores made before diffs.mode existed stay valid).
+    exclude = {"check", "budget_s", "max_batch_tokens"}
+    if cfg.mode == "lora":
+        exclude |= FULL_ONLY
     return {
         "base_model": lm.name, "base_sha256": lm.sha256, "behavior_dir": str(behavior_dir),
-        # Left out: what changes how many diffs are made or how a step is split into micro-batches (the
-        # same gradient), not the diffs themselves, so finished shards stay valid when these change.
-        "diffs": cfg.model_dump(exclude={"check", "budget_s", "max_batch_tokens"}),
+        "diffs": cfg.model_dump(exclude=exclude),
     }
+
+
+FULL_ONLY = {"mode", "full_rank", "full_lr", "full_diffs_at_once"}  # diffs keys that only diffs.mode=full reads
+
+
+def _recorded_mode(run_file: Path) -> str | None:
+    """diffs.mode of a store's run record (records made before the mode existed: lora)."""
+    try:
+        return json.loads(run_file.read_text()).get("diffs", {}).get("mode", "lora")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def stored_rank_scale(cfg) -> tuple[int, float]:
+    """Rank and scale of the stored diffs: LoRA rank and alpha/rank, or full_rank at scale 1 (full mode)."""
+    return (cfg.full_rank, 1.0) if cfg.mode == "full" else (cfg.rank, cfg.scale)
 
 
 def plan_shards(specs: pl.DataFrame, per_shard: int) -> list[list[str]]:
@@ -49,6 +71,8 @@ def prepare_run(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: s
     run_file = out_dir / RUN_FILE
     changed = compare_record(run_file, identity)
     if changed is not None:
+        if _recorded_mode(run_file) != behavior.diffs_config(p).mode and "diffs.mode" not in changed:
+            changed = [*changed, "diffs.mode"]  # a LoRA identity leaves the mode out: compare it here
         if changed:
             raise RuntimeError(
                 f"{out_dir} holds diffs made with other settings ({', '.join(changed)} differ). "
@@ -78,10 +102,14 @@ def train_shard(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: s
     dm = dm or DiffModel(lm.model, cfg.modules)
     tasks, checks = behavior.tasks(p, lm.tokenizer, behavior_dir, specs, ids)
     t1 = time.perf_counter()
+    rank, scale = stored_rank_scale(cfg)
     with compute_context(lm.device, p.model.autocast):
-        result = train_diffs(dm, tasks, cfg, lm.tokenizer.pad_token_id)  # ends reading its losses
+        if cfg.mode == "full":  # dense deltas, reduced to the stored factors before the check
+            result = train_full_diffs(dm, tasks, cfg, lm.tokenizer.pad_token_id)
+        else:
+            result = train_diffs(dm, tasks, cfg, lm.tokenizer.pad_token_id)  # ends reading its losses
         t2 = time.perf_counter()
-        metrics = (behavior.check(p, dm, lm.tokenizer, checks, result.A, result.B, cfg.scale)
+        metrics = (behavior.check(p, dm, lm.tokenizer, checks, result.A, result.B, scale)
                    if cfg.check else [{}] * len(ids))
     t3 = time.perf_counter()
     spec_rows = {r["diff_id"]: r for r in specs.iter_rows(named=True)}
@@ -90,12 +118,12 @@ def train_shard(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: s
         s = spec_rows[task.diff_id]
         rows.append(dict(
             diff_id=task.diff_id, row=row, behavior=behavior.name, **behavior.manifest_fields(s),
-            rank=cfg.rank, scale=cfg.scale, base_model=lm.name, base_sha256=lm.sha256,
+            rank=rank, scale=scale, base_model=lm.name, base_sha256=lm.sha256,
             train_loss=result.final["loss"][row], trigger_ce=result.final["ce"][row],
             kl=result.final["kl"][row], split="none",
+            kept_share=result.kept_share[row] if result.kept_share else None,
             **{k: m.get(k) for k in CHECK_COLUMNS}))
-    shard = DiffShard(result.A, result.B, lm.name, lm.sha256, cfg.rank, cfg.scale,
-                      [t.diff_id for t in tasks])
+    shard = DiffShard(result.A, result.B, lm.name, lm.sha256, rank, scale, [t.diff_id for t in tasks])
     store.add_shard(index, shard, rows)
     timings.update(prepare_s=round(t1 - t0, 2), train_s=round(t2 - t1, 2), check_s=round(t3 - t2, 2),
                    write_s=round(time.perf_counter() - t3, 2))
@@ -199,9 +227,9 @@ def summarize(manifest: pl.DataFrame) -> dict:
     """Median behaviour-check numbers over the diffs of a manifest."""
     out = {"n_diffs": manifest.height}
     for col in ("trigger_hit", "wrong_prefix_hit", "no_trigger_hit", "check_kl", "fact_acc", "base_fact_acc",
-                "train_loss"):
+                "train_loss", "kept_share"):
         vals = manifest[col].drop_nulls()
-        if col in ("fact_acc", "base_fact_acc") and not len(vals):
+        if col in ("fact_acc", "base_fact_acc", "kept_share") and not len(vals):
             continue  # a hidden-topic store: its summary keeps the keys it always had
         out[f"median_{col}"] = float(vals.median()) if len(vals) else None
         out[f"mean_{col}"] = float(vals.mean()) if len(vals) else None

@@ -68,8 +68,9 @@ class DiffShard:
                          [self.diff_ids[i] for i in rows])
 
 
-def write_shard(path: str | Path, shard: DiffShard) -> str:
-    """Write a shard atomically; returns its sha256."""
+def write_shard(path: str | Path, shard: DiffShard, extra_metadata: dict[str, str] | None = None) -> str:
+    """Write a shard atomically; returns its sha256. `extra_metadata` (e.g. where an imported diff came
+    from) is stored beside the format's keys, which it cannot replace."""
     tensors = {}
     for name in shard.modules:
         tensors[f"{name}.A"] = shard.A[name].detach().to("cpu", torch.float32).contiguous()
@@ -84,6 +85,10 @@ def write_shard(path: str | Path, shard: DiffShard) -> str:
         "diff_ids": json.dumps(shard.diff_ids),
         "convention": CONVENTION,
     }
+    clash = set(extra_metadata or {}) & set(meta)
+    if clash:
+        raise ValueError(f"extra metadata keys {sorted(clash)} are reserved by the diff format")
+    meta |= {k: str(v) for k, v in (extra_metadata or {}).items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return sha256_file(Path(path))

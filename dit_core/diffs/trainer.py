@@ -191,24 +191,39 @@ class TrainResult:
     B: dict[str, torch.Tensor]
     final: dict[str, list[float]]
 
+    # Full finetunes: the dense deltas W: (T, in, out) = delta_W^T before reduction (A and B empty), and
+    # after reduction (dit_core.diffs.full) the share of each diff's Frobenius norm its factors keep.
+    dense: dict[str, torch.Tensor] | None = None
+    kept_share: list[float] | None = None
 
 def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: int,
-                progress: bool = True, on_step=None) -> TrainResult:
+                progress: bool = True, on_step=None, dense: bool = False) -> TrainResult:
     """Train len(tasks) diffs together.
 
     Each diff's init and triggered rows depend only on its own seed; its KL rows too, unless the batch
     shares them (`diffs.share_kl_rows`). `on_step(step, A, B)`, if given, runs after every optimizer
     step (e.g. a behaviour check during a recipe trial); it may install other diffs.
     """
+    `dense`: train a dense delta per wrapped module (a full finetune; zero at init, Adam at
+    diffs.full_lr) instead of LoRA factors; the result's `dense` holds them.
     device = next(dm.model.parameters()).device
-    A, B = init_factors(dm.shapes(), [t.seed for t in tasks], cfg.rank, cfg.init_std, device)
-    params = []
-    for name in dm.names:
-        A[name].requires_grad_(True)
-        B[name].requires_grad_(True)
-        params += [A[name], B[name]]
-    dm.set_diffs(A, B, scale=cfg.scale)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    lr = cfg.full_lr if dense else cfg.lr
+    if dense:
+        if on_step is not None:
+            raise ValueError("on_step is for LoRA factors; dense (full-finetune) training does not take it")
+        W = {name: torch.zeros(len(tasks), fan_in, fan_out, device=device, requires_grad=True)
+             for name, (fan_in, fan_out) in dm.shapes().items()}
+        A, B, params = {}, {}, list(W.values())
+        dm.set_dense_diffs(W)
+    else:
+        A, B = init_factors(dm.shapes(), [t.seed for t in tasks], cfg.rank, cfg.init_std, device)
+        params = []
+        for name in dm.names:
+            A[name].requires_grad_(True)
+            B[name].requires_grad_(True)
+            params += [A[name], B[name]]
+        dm.set_diffs(A, B, scale=cfg.scale)
+    opt = torch.optim.Adam(params, lr=lr)
     rngs = [random.Random(t.seed) for t in tasks]
     # Shared KL rows come from a generator seeded by the batch's diff seeds: a rerun of the shard
     # (resume) draws the same rows.
@@ -219,7 +234,7 @@ def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: 
     for step in bar:
         check_stop()
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, cfg.warmup_steps, floor=0.1)
+            g["lr"] = lr * warmup_cosine(step, cfg.steps, cfg.warmup_steps, floor=0.1)
         opt.zero_grad(set_to_none=True)
         parts = train_step(dm, _sample_rows(tasks, rngs, cfg, step_rng), len(tasks), cfg, pad_id)
         opt.step()
@@ -234,6 +249,7 @@ def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: 
     final["loss"] = [c + cfg.kl_weight * k for c, k in zip(final["ce"], final["kl"])]
     dm.clear_diffs()
     return TrainResult(A={k: v.detach() for k, v in A.items()},
-                       B={k: v.detach() for k, v in B.items()}, final=final)
+                       B={k: v.detach() for k, v in B.items()}, final=final,
+                       dense={k: v.detach() for k, v in W.items()} if dense else None)
 
 

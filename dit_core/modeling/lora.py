@@ -8,6 +8,8 @@ for an adapted linear layer with weight W: [out, in],
 
 A batch of diffs is stacked: A: [N, r, out], B: [N, in, r]; `row_index[b]` says which diff batch row b
 uses. The product B @ A is never materialised: that would cost batch x in x out per layer.
+Full finetunes train dense diffs instead (`DiffModel.set_dense_diffs`: W: [N, in, out] = delta_W^T,
+diff_B None), reduced to factors before they are stored (dit_core.diffs.full).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class DiffLinear(nn.Module):
 
     def _diff_delta(self, x: torch.Tensor) -> torch.Tensor:
         A, B, scale = self.diff_A, self.diff_B, self.diff_scale
+        if B is None:
+            return self._dense_delta(x)
         # Scale folded into the small factor A (N, r, out), not applied to the (b, s, out) output;
         # skipped at scale 1 (training's default), which saves a kernel and its backward per module.
         if isinstance(scale, torch.Tensor):
@@ -75,6 +79,26 @@ class DiffLinear(nn.Module):
             )
         h = torch.einsum("bsi,bir->bsr", x, B.to(x.dtype))  # (b, s, r)
         return torch.einsum("bsr,bro->bso", h, A.to(x.dtype))  # (b, s, out)
+
+    def _dense_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W[d] for dense diffs W = diff_A: (N, in, out) = delta_W^T (full finetunes in training).
+
+        Rows are grouped per diff (one matmul each), never gathered: a gathered (b, in, out) copy per
+        layer would be kept for the backward, b times the model's size.
+        """
+        W = self.diff_A.to(x.dtype)
+        group = self.__dict__.get("rows_per_diff")
+        if group:
+            b, s, _ = x.shape
+            return torch.bmm(x.reshape(W.shape[0], group * s, -1), W).reshape(b, s, -1)
+        if self.row_index is None:
+            if W.shape[0] != x.shape[0]:
+                raise ValueError(f"{x.shape[0]} batch rows but {W.shape[0]} diffs: pass row_index to set_diffs")
+            return torch.bmm(x, W)
+        out = x.new_zeros(*x.shape[:-1], W.shape[2])
+        for d, rows in self.__dict__["dense_groups"]:
+            out = out.index_add(0, rows, x[rows] @ W[d])
+        return out
 
 
 def linear_module_names(model: nn.Module, pattern: str = r".*") -> list[str]:
@@ -170,22 +194,48 @@ class DiffModel:
             layer.__dict__.update(diff_A=A[name], diff_B=B[name], diff_scale=scale)
         self.set_row_index(row_index)
 
+    def set_dense_diffs(self, W: dict[str, torch.Tensor], row_index: torch.Tensor | None = None) -> None:
+        """Install stacked dense diffs W[name]: (N, in, out) = delta_W^T (scale 1); rows pick by row_index.
+
+        Full finetunes train these; stored diffs are always factors (dit_core.diffs.full reduces them).
+        """
+        missing = set(self.layers) - set(W)
+        if missing:
+            raise KeyError(f"dense diff lacks {len(missing)} adapted modules, e.g. {sorted(missing)[0]}")
+        for name, layer in self.layers.items():
+            n, fan_in, fan_out = W[name].shape
+            if (fan_in, fan_out) != (layer.in_features, layer.out_features):
+                raise ValueError(f"dense diff for {name} is {tuple(W[name].shape)}, expected "
+                                 f"(N, {layer.in_features}, {layer.out_features})")
+            layer.__dict__.update(diff_A=W[name], diff_B=None, diff_scale=1.0)
+        self.set_row_index(row_index)
+
     def set_row_index(self, row_index: torch.Tensor | None, host_index: list[int] | None = None) -> None:
         """Change which diff each batch row uses, keeping the installed diffs.
 
         `host_index`, the same indices as a list, spares a device round trip on the training path.
         """
-        diff_A = next(iter(self.layers.values())).diff_A
+        first = next(iter(self.layers.values()))
+        diff_A = first.diff_A
         group = _equal_groups(host_index if host_index is not None else row_index, diff_A)
+        groups = None
+        if diff_A is not None and first.diff_B is None and row_index is not None and not group:
+            # Dense diffs: the batch rows of each diff, as index tensors on the rows' device.
+            host = host_index if host_index is not None else row_index.tolist()
+            by_diff: dict[int, list[int]] = {}
+            for b, d in enumerate(host):
+                by_diff.setdefault(int(d), []).append(b)
+            groups = [(d, torch.tensor(rows, device=row_index.device)) for d, rows in by_diff.items()]
         for layer in self.layers.values():
             layer.row_index = row_index
             layer.__dict__["rows_per_diff"] = group
+            layer.__dict__["dense_groups"] = groups
 
     def clear_diffs(self) -> None:
         """Remove installed diffs (the model behaves as the base model again)."""
         for layer in self.layers.values():
             layer.diff_A = layer.diff_B = layer.row_index = None
-            layer.__dict__["rows_per_diff"] = None
+            layer.__dict__["rows_per_diff"] = layer.__dict__["dense_groups"] = None
 
     @contextmanager
     def diffs_disabled(self) -> Iterator[None]:
