@@ -217,7 +217,8 @@ def describe(
     profile: Optional[list[str]] = ProfileOpt,
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Say in words what each weight diff does.
+    """Say in words what each weight diff does, with the interpreter's confidence ("unsure (best guess: ...)"
+    below the threshold chosen on the validation split; docs/confidence.md).
 
     Examples:
       dit describe ht00003
@@ -231,12 +232,44 @@ def describe(
     p, lm = _model_for(params)
     try:
         df = run_describe(lm, _interpreter_path(interpreter, params), diffs, list(stage_paths(p).stores.values()),
-                          p.diffs.modules, behavior=behavior, any_base=any_base, full_rank=p.diffs.full_rank)
+                          p.diffs.modules, behavior=behavior, any_base=any_base, full_rank=p.diffs.full_rank,
+                          cache_bytes=int(p.interpreter.diff_memory_mb * 2**20))
     except (FileNotFoundError, ValueError, KeyError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(EXIT_FAILED) from None
-    for name, text in df.iter_rows():
-        typer.echo(f"{name}\t{text}")
+    for row in df.iter_rows(named=True):
+        text = f"unsure (best guess: {row['description']})" if row["unsure"] else row["description"]
+        sure = f"\tconfidence {row['confidence']:.2f}" if row["confidence"] is not None else ""
+        typer.echo(f"{row['diff']}\t{text}{sure}")
+
+
+@app.command()
+def calibrate(
+    interpreter: str = typer.Option(None, "--interpreter", "-i", help="interpreter dir (default: the pipeline's)"),
+    dataset: str = typer.Option(None, "--dataset", "-d", help="the dataset it was trained on (default: the pipeline's)"),
+    params_file: str = ParamsOpt,
+    profile: Optional[list[str]] = ProfileOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Record the label vocabulary and unsure threshold (interpreter.unsure_accuracy, chosen on the val
+    split) in a trained interpreter, e.g. one saved before they were recorded; training does it itself.
+
+    Example: dit calibrate --set interpreter.unsure_accuracy=0.8
+    """
+    import json
+
+    from dit_core.interpreter.confidence import recalibrate
+    from dit_core.stages import dataset_dir, interpreter_dir
+
+    params = _load(params_file, set_, profile)
+    p, lm = _model_for(params)
+    try:
+        out = recalibrate(lm, interpreter or interpreter_dir(p), dataset or dataset_dir(p),
+                          p.interpreter.unsure_accuracy, p.diffs.modules, p.interpreter.batch_size)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    typer.echo(json.dumps(out, indent=2))
 
 
 @app.command("import-peft")
@@ -270,39 +303,6 @@ def import_peft_cmd(
                "modules hold the adapter; the others are zero)")
 
 
-@app.command("export-peft")
-def export_peft_cmd(
-    diff: str = typer.Argument(..., help="a stored diff id"),
-    out: str = typer.Argument(..., help="output PEFT adapter directory"),
-    params_file: str = ParamsOpt,
-    profile: Optional[list[str]] = ProfileOpt,
-    set_: Optional[list[str]] = SetOpt,
-) -> None:
-    """Write a stored diff as a PEFT adapter directory (PeftModel.from_pretrained loads it).
-
-    Example: dit export-peft ht00003 exported/ht00003
-    """
-    from dit_core.diffs.store import DiffStore
-    from dit_core.modeling.peft_io import export_peft
-    from dit_core.stages import stage_paths
-
-    params = _load(params_file, set_, profile)
-    from dit_core.config import params_from_dict
-
-    p = params_from_dict(params)
-    try:
-        shard = DiffStore(stage_paths(p).diffs).load([diff])
-    except (FileNotFoundError, KeyError) as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(EXIT_FAILED) from None
-    export_peft(shard, 0, out, str(stage_paths(p).model.resolve()))
-    typer.echo(f"wrote PEFT adapter {out}")
-
-
-def _run_report(name: str, params: dict, engine: str) -> None:
-    """Run a report command (`scaling`, `cross-behavior`) on the engine, print its table and folder."""
-    if engine == "local":
-        from tasks.stage_runs import run_stage
 @app.command("import-full")
 def import_full_cmd(
     model_dir: str = typer.Argument(..., help="finetuned model directory of the base model (safetensors)"),
@@ -337,6 +337,39 @@ def import_full_cmd(
     typer.echo(f"wrote {out} (rank {shard.rank}, scale 1, {len(shard.modules)} modules) and {path}")
 
 
+@app.command("export-peft")
+def export_peft_cmd(
+    diff: str = typer.Argument(..., help="a stored diff id"),
+    out: str = typer.Argument(..., help="output PEFT adapter directory"),
+    params_file: str = ParamsOpt,
+    profile: Optional[list[str]] = ProfileOpt,
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Write a stored diff as a PEFT adapter directory (PeftModel.from_pretrained loads it).
+
+    Example: dit export-peft ht00003 exported/ht00003
+    """
+    from dit_core.diffs.store import DiffStore
+    from dit_core.modeling.peft_io import export_peft
+    from dit_core.stages import stage_paths
+
+    params = _load(params_file, set_, profile)
+    from dit_core.config import params_from_dict
+
+    p = params_from_dict(params)
+    try:
+        shard = DiffStore(stage_paths(p).diffs).load([diff])
+    except (FileNotFoundError, KeyError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    export_peft(shard, 0, out, str(stage_paths(p).model.resolve()))
+    typer.echo(f"wrote PEFT adapter {out}")
+
+
+def _run_report(name: str, params: dict, engine: str) -> None:
+    """Run a report command (`scaling`, `cross-behavior`, `transfer`) on the engine, print its table and folder."""
+    if engine == "local":
+        from tasks.stage_runs import run_stage
 
         result = _run_flow(lambda p: run_stage(p, name), params)
     else:
@@ -383,6 +416,27 @@ def cross_behavior(
     """
     _engine(engine)
     _run_report("cross-behavior", _load(params_file, set_ or [], profile), engine)
+
+
+@app.command()
+def transfer(
+    params_file: str = ParamsOpt,
+    profile: Optional[list[str]] = ProfileOpt,
+    set_: Optional[list[str]] = SetOpt,
+    engine: str = EngineOpt,
+) -> None:
+    """The transfer report: each variant of transfer.variants (e.g. another diff rank or trigger kind) makes
+    its diffs in a store of its own; one interpreter per row of transfer.rows, trained on some variants, is
+    scored on every variant's test diffs. Writes reports/transfer/<grid>/ (matrix.md, matrix.png,
+    matrix.json, rank.png for ranks) and logs the cells to MLflow; a rerun trains nothing already done.
+
+    Examples:
+      dit transfer                          # the small default grid (ranks 1 and 4)
+      dit transfer --profile ranks          # ranks 1-64: interpreters trained on rank 1 and on all ranks
+      dit transfer --profile triggers       # SEP code, zero-width space at the start / at a random place
+    """
+    _engine(engine)
+    _run_report("transfer", _load(params_file, set_ or [], profile), engine)
 
 
 @app.command()

@@ -173,7 +173,8 @@ def register_interpreter(params: dict, interpreter_dir: Path, base_model_dir: Pa
         pip_requirements=pinned_requirements(),
         # Without a params schema MLflow drops predict(params=...) with a warning.
         signature=ModelSignature(params=ParamSchema([ParamSpec("stores", "string", [], (-1,)),
-                                                     ParamSpec("behavior", "string", "")])),
+                                                     ParamSpec("behavior", "string", ""),
+                                                     ParamSpec("details", "boolean", False)])),
         registered_model_name=name,
     )
     version = info.registered_model_version

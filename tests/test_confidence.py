@@ -147,6 +147,18 @@ def test_interpreter_without_recorded_labels_still_describes(trained, tmp_path):
     diff_id = pl.read_parquet(tmp / "ds" / "dataset.parquet")["diff_id"][0]
     got = describe(lm, old, [diff_id], [tmp / "diffs"], max_new_tokens=4)
     assert got["description"][0] and got["confidence"][0] is None and got["unsure"][0] is None
+    # `dit calibrate` records them afterwards: the same as training did, weights untouched
+    from dit_core.interpreter.adapter import read_interpreter
+    from dit_core.interpreter.confidence import recalibrate
+
+    assert recalibrate(lm, old, tmp / "ds", 0.75, batch_size=4) == calibrated["calibration"]
+    again = json.loads((old / "interpreter.json").read_text())
+    assert again == calibrated and read_interpreter(old, lm.sha256)[0].labels == calibrated["labels"]
+    with pytest.raises(ValueError, match="trained on dataset version"):
+        other = tmp_path / "other"
+        other.mkdir()
+        pl.read_parquet(tmp / "ds" / "dataset.parquet").head(5).write_parquet(other / "dataset.parquet")
+        recalibrate(lm, old, other, 0.75)
     # labels without a threshold (no val diffs): a confidence, unsure unknown
     calibrated["calibration"] = {}
     (old / "interpreter.json").write_text(json.dumps(calibrated))

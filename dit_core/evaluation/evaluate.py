@@ -12,7 +12,8 @@ and each behaviour's own baselines (dit_core/behaviors):
                 writes the news it knows, the base model summarises it in one sentence)
 Each method is scored on its free-text answer (the behaviour's text scorers, per-slot accuracy where labels
 state facts, optional LLM judge) and on a judge-free closed set: every test label of the behaviour ranked
-by its log-likelihood as the answer.
+by its log-likelihood as the answer. DIT's answers also get their confidence evaluated (metrics `dit.confidence`,
+coverage.png: accuracy against coverage, confident answers on out-of-distribution diffs; docs/confidence.md).
 """
 
 from __future__ import annotations
@@ -241,15 +242,21 @@ def evaluate(p: Params, lm: LoadedModel, dataset_dir, interpreter_dir, questions
     the result's `by_behavior` is behaviour -> method -> metrics in either case, and `dit` is DIT's metrics
     (averaged over behaviours when there are several).
     """
-    from dit_core.evaluation.report import behavior_tables, plot_scores
+    from dit_core.evaluation.report import behavior_tables, plot_coverage, plot_scores
+    from dit_core.interpreter.confidence import evaluate_confidence
 
     reports_dir = Path(reports_dir)
     names = behaviors_in_test(dataset_dir, p.behaviors)
     per_behavior, frames = {}, []
     for name in names:
         b = get_behavior(name)
-        scored = _score(p, b, Evaluator(p, lm, dataset_dir, interpreter_dir, questions_path, b).run())
+        ev = Evaluator(p, lm, dataset_dir, interpreter_dir, questions_path, b)
+        scored = _score(p, b, ev.run())
         per_behavior[name] = scored["metrics"]
+        if "dit" in per_behavior[name]:  # how sure DIT's answers are: dit_core/interpreter/confidence.py
+            conf = evaluate_confidence(ev, dataset_dir)
+            if conf is not None:
+                per_behavior[name]["dit"]["confidence"] = conf
         frames.append(scored["preds"].with_columns(behavior=pl.lit(name)))
     preds = pl.concat(frames, how="diagonal_relaxed")
     if len(names) == 1:
@@ -262,5 +269,6 @@ def evaluate(p: Params, lm: LoadedModel, dataset_dir, interpreter_dir, questions
     plot_scores(per_behavior[names[0]], reports_dir / "scores.png")
     for name in names[1:]:
         plot_scores(per_behavior[name], reports_dir / f"scores_{name}.png")
+    plot_coverage(per_behavior, reports_dir)
     return {"metrics": metrics, "by_behavior": per_behavior, "table": table, "dit": dit_summary(metrics, names),
             "behaviors": names}

@@ -46,7 +46,6 @@ from dit_core.interpreter.adapter import InterpreterSpec, label_example
 
 if TYPE_CHECKING:
     from dit_core.evaluation.evaluate import Evaluator
-    from dit_core.interpreter.training import InterpreterRecipe
 
 SCORE = "label_probability"  # the primary score's name, recorded with the calibration
 Diffs = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]
@@ -133,31 +132,65 @@ def behavior_key(spec: InterpreterSpec, behavior: str | None) -> str | None:
     return None
 
 
-def calibrate(recipe: InterpreterRecipe) -> tuple[dict[str, list[str]], dict[str, dict]]:
-    """At the end of training, with the kept weights loaded: each behaviour's label vocabulary (its training
-    labels) and, where it has validation diffs, the unsure threshold chosen on them."""
+def calibrate(interp, tokenizer, questions: dict[str, str], train_df: pl.DataFrame, val_df: pl.DataFrame,
+              bank, device, target: float, batch_size: int = 16) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """Each behaviour's label vocabulary (its training labels) and, where it has validation diffs, the
+    unsure threshold chosen on them (`choose_threshold` at `target`); `interp` holds the kept weights and
+    `bank` (a DiffBank) has the val diffs."""
     labels: dict[str, list[str]] = {}
     calibration: dict[str, dict] = {}
-    tok = recipe.lm.tokenizer
-    for behavior, question in (recipe.spec.questions or {}).items():
-        vocab = sorted(recipe.train_df.filter(pl.col("behavior") == behavior)["label"].unique().to_list())
+    for behavior, question in questions.items():
+        vocab = sorted(train_df.filter(pl.col("behavior") == behavior)["label"].unique().to_list())
         if not vocab:
             continue
         labels[behavior] = vocab
-        val = recipe.val_df.filter(pl.col("behavior") == behavior)
+        val = val_df.filter(pl.col("behavior") == behavior)
         if val.height == 0:
             continue
         scores = np.zeros((val.height, len(vocab)))
-        for s in range(0, val.height, recipe.cfg.batch_size):
-            ids = val["diff_id"].slice(s, recipe.cfg.batch_size).to_list()
-            A, B, scale = recipe.bank.get(ids)
-            dev = recipe.lm.device
-            diffs = ({k: v.to(dev) for k, v in A.items()}, {k: v.to(dev) for k, v in B.items()}, scale.to(dev))
-            scores[s : s + len(ids)] = label_scores(recipe.interp, tok, question, vocab, diffs, list(range(len(ids))))
+        for s in range(0, val.height, batch_size):
+            ids = val["diff_id"].slice(s, batch_size).to_list()
+            A, B, scale = bank.get(ids)
+            diffs = ({k: v.to(device) for k, v in A.items()}, {k: v.to(device) for k, v in B.items()}, scale.to(device))
+            scores[s : s + len(ids)] = label_scores(interp, tokenizer, question, vocab, diffs, list(range(len(ids))))
         conf = from_scores(scores, vocab)
         correct = [b == g for b, g in zip(conf.best, val["label"])]
-        calibration[behavior] = choose_threshold(conf.confidence, correct, recipe.cfg.unsure_accuracy)
+        calibration[behavior] = choose_threshold(conf.confidence, correct, target)
     return labels, calibration
+
+
+def recalibrate(lm, interpreter_dir: str | Path, dataset_dir: str | Path, target: float, modules: str = r".*",
+                batch_size: int = 16) -> dict[str, dict]:
+    """Record the label vocabulary and unsure threshold in an interpreter saved without them (or again at
+    another `target`), from the dataset it was trained on; interpreter.json is rewritten atomically, the
+    weights untouched. Refuses a dataset other than the interpreter's own (its data_version)."""
+    import json
+    from dataclasses import asdict
+
+    from dit_core.data.assemble import DitDataset
+    from dit_core.data.schemas import read_validated
+    from dit_core.diffs.bank import DiffBank
+    from dit_core.interpreter.adapter import SPEC, WEIGHTS_SHA256, load_interpreter
+    from dit_core.interpreter.training import dataset_version
+    from dit_core.io import write_json_atomic
+    from dit_core.modeling.lora import DiffModel
+
+    interpreter_dir, path = Path(interpreter_dir), Path(dataset_dir) / "dataset.parquet"
+    dm = DiffModel(lm.model, modules)
+    interp = load_interpreter(dm, interpreter_dir, lm.tokenizer, lm.sha256)
+    spec = interp.spec
+    if spec.data_version and spec.data_version != dataset_version(path):
+        raise ValueError(f"{interpreter_dir} was trained on dataset version {spec.data_version}, not {path} "
+                         f"({dataset_version(path)}): pass the dataset it was trained on")
+    df = read_validated(path, DitDataset)
+    train, val = df.filter(pl.col("split") == "train"), df.filter(pl.col("split") == "val")
+    questions = spec.questions or {b: spec.question for b in train["behavior"].head(1)}
+    labels, calibration = calibrate(interp, lm.tokenizer, questions, train, val,
+                                    DiffBank(val, dm.shapes(), lm.sha256), lm.device, target, batch_size)
+    sha = json.loads((interpreter_dir / SPEC).read_text()).get(WEIGHTS_SHA256)
+    write_json_atomic(interpreter_dir / SPEC, asdict(spec) | {"labels": labels, "calibration": calibration}
+                      | ({WEIGHTS_SHA256: sha} if sha else {}))
+    return calibration
 
 
 def describe_confidence(interp, tokenizer, behavior: str | None, question: str, diffs: Diffs,

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from dit_core.data.assemble import DitDataset
 from dit_core.config import Params
 from dit_core.diffs.bank import DiffBank
+from dit_core.interpreter import data_parallel
 from dit_core.interpreter.adapter import (
     InterpreterSpec,
     build_interpreter,
@@ -77,8 +78,10 @@ class InterpreterRecipe:
         self.dataset_path = Path(dataset_dir) / "dataset.parquet"
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        self.log_metrics = log_metrics or (lambda m, s: None)
-        self.progress = progress
+        # Under torchrun every rank trains on its part of each batch; only rank 0 logs and writes files.
+        self.dp = data_parallel.current(lm.device.type)
+        self.log_metrics = (log_metrics if self.dp.is_main else None) or (lambda m, s: None)
+        self.progress = progress and self.dp.is_main
         # Reading a loss waits for the device: on an accelerator the step losses are read (and logged,
         # with their own step numbers) once per epoch, on a CPU after every step.
         self.read_losses_every_step = lm.device.type == "cpu"
@@ -91,8 +94,12 @@ class InterpreterRecipe:
         if self.train_df.height == 0:
             raise ValueError(f"{self.dataset_path}: no train diffs; rerun assemble with more diffs")
         self.dm = DiffModel(self.lm.model, self.p.diffs.modules)
-        self.bank = DiffBank(df, self.dm.shapes(), self.lm.sha256)
-        self.bank.preload(self.lm.device)  # every epoch reads every diff: keep them on the device
+        budget = int(self.cfg.diff_memory_mb * 2**20)
+        self.bank = DiffBank(df, self.dm.shapes(), self.lm.sha256, cache_bytes=budget)
+        # every epoch reads every diff: keep them on the device when they fit, else stream shards
+        if not self.bank.preload(self.lm.device, max_bytes=budget):
+            log.info("the %d diffs take more than interpreter.diff_memory_mb=%g MiB: streaming their shards from "
+                     "disk each epoch", df.height, self.cfg.diff_memory_mb)
         # Each behaviour keeps its own question; the spec records them all (`question`: the first one's).
         from dit_core.behaviors import get_behavior
 
@@ -122,22 +129,27 @@ class InterpreterRecipe:
 
     def _resume(self) -> None:
         state_file = self.ckpt_dir / "state.json"
+        if self.dp.is_main:
+            self._set_aside_stale(state_file)
+        self.dp.barrier()  # data-parallel: every rank reads what rank 0 left
+        if compare_record(state_file, {"spec": self.state["spec"]}) != []:  # [] : a checkpoint of this setup
+            return  # nothing to resume (no checkpoint, or it was set aside)
+        self.state = json.loads(state_file.read_text())
+        self.interp.load_state(self._load_checkpoint("last"))
+        self.opt.load_state_dict(_optimizer_from_tensors(self._load_checkpoint("optimizer"), self.opt.state_dict()))
+        saved = self.state
+        if self.dp.is_main:
+            self._trim_curve(saved["epoch"])
+        log.info("resuming interpreter training after epoch %d", saved["epoch"])
+
+    def _set_aside_stale(self, state_file: Path) -> None:
         changed = compare_record(state_file, {"spec": self.state["spec"]})
-        if changed is None:
-            return
         if changed:
             # New data or settings (e.g. scheduled retraining): start over, keeping the old run aside.
             stale = move_aside(self.ckpt_dir)
             (self.out_dir / "train_log.csv").unlink(missing_ok=True)
             log.warning("checkpoint in %s is for another setup (%s changed); moved to %s, training from scratch",
                         self.ckpt_dir, ", ".join(changed), stale)
-            return
-        self.state = json.loads(state_file.read_text())
-        self.interp.load_state(self._load_checkpoint("last"))
-        self.opt.load_state_dict(_optimizer_from_tensors(self._load_checkpoint("optimizer"), self.opt.state_dict()))
-        saved = self.state
-        self._trim_curve(saved["epoch"])
-        log.info("resuming interpreter training after epoch %d", saved["epoch"])
 
     def _trim_curve(self, epoch: int) -> None:
         """Drop curve rows of epochs after `epoch`: a run killed between logging an epoch and its
@@ -174,9 +186,12 @@ class InterpreterRecipe:
             return None
         losses = []
         for i in range(0, df.height, self.cfg.batch_size):
-            A, B, scale, ex = self._batch(df.slice(i, self.cfg.batch_size))
-            losses += self.interp.row_losses(A, B, scale, ex, self.lm.tokenizer.pad_token_id).tolist()
-        return sum(losses) / len(losses)
+            rows = df.slice(i, self.cfg.batch_size)
+            first, n = self.dp.part(rows.height)  # this rank's rows (all of them in one process)
+            if n:
+                A, B, scale, ex = self._batch(rows.slice(first, n))
+                losses += self.interp.row_losses(A, B, scale, ex, self.lm.tokenizer.pad_token_id).tolist()
+        return self.dp.mean(losses, self.lm.device)
 
     def _samples(self, df: pl.DataFrame) -> list[dict]:
         rows = df.head(self.cfg.n_samples)
@@ -249,10 +264,16 @@ class InterpreterRecipe:
                 group = micro[start : start + cfg.grad_accum]
                 total = torch.zeros((), device=self.lm.device)
                 for rows in group:
-                    A, B, scale, ex = self._batch(rows)
-                    loss = self.interp.loss_with_grad(A, B, scale, ex, pad) / len(group)
+                    # Data-parallel: this rank's part of the micro-batch, weighted by its share of the rows,
+                    # so the gradients summed over ranks are the whole micro-batch's (factor 1 in one process).
+                    first, n = self.dp.part(rows.height)
+                    if n == 0:
+                        continue  # more ranks than rows: this rank adds nothing
+                    A, B, scale, ex = self._batch(rows.slice(first, n))
+                    loss = self.interp.loss_with_grad(A, B, scale, ex, pad) * (n / rows.height) / len(group)
                     loss.backward()
                     total = total + loss.detach()
+                total = self.dp.sum_gradients(self.interp.parameters(), total)
                 self.opt.step()
                 self.dm.clear_diffs()
                 self.state["step"] += 1
@@ -272,8 +293,10 @@ class InterpreterRecipe:
                 self.state.update(best_val=monitored, best_epoch=epoch + 1, bad_epochs=0)
             else:
                 self.state["bad_epochs"] += 1
-            samples = self._samples(self.val_df if self.val_df.height else self.train_df)
+            samples = self._samples(self.val_df if self.val_df.height else self.train_df) if self.dp.is_main else []
             self.state["samples"] = samples
+            if not self.dp.is_main:
+                continue  # rank 0 logs and writes the epoch's checkpoint
             self._append_curve({"step": self.state["step"], "epoch": epoch + 1, "train_loss": train_loss,
                                 "val_loss": val_loss, "lr": self._lr(self.state["step"])})
             self.log_metrics({"epoch_train_loss": train_loss, **({"val_loss": val_loss} if val_loss is not None else {})},
@@ -284,13 +307,17 @@ class InterpreterRecipe:
 
     # -- save ----------------------------------------------------------------------------------
     def save(self) -> dict:
+        if not self.dp.is_main:  # data-parallel: rank 0 writes the interpreter
+            return {k: self.state[k] for k in ("epoch", "step", "best_val", "best_epoch")}
         best = self.ckpt_dir / self.state.get("files", {}).get("best", "best.safetensors")
         state = self._load_checkpoint("best") if best.exists() else self.interp.state()
         # The kept weights give each behaviour's label vocabulary and unsure threshold (chosen on val).
         from dit_core.interpreter.confidence import calibrate
 
         self.interp.load_state(state)
-        labels, calibration = calibrate(self)
+        labels, calibration = calibrate(self.interp, self.lm.tokenizer, self.spec.questions or {}, self.train_df,
+                                        self.val_df, self.bank, self.lm.device, self.cfg.unsure_accuracy,
+                                        self.cfg.batch_size)
         save_interpreter(self.out_dir, replace(self.spec, labels=labels, calibration=calibration), state)
         summary = {k: self.state[k] for k in ("epoch", "step", "best_val", "best_epoch")}
         summary.update(n_train=self.train_df.height, n_val=self.val_df.height, kind=self.spec.kind,
