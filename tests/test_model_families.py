@@ -128,3 +128,19 @@ def test_a_pattern_matching_no_layer_names_the_layers(tiny_lm):
     with pytest.raises(ValueError, match=r"diffs.modules='c_attn' matches none of the 14 linear layers of "
                                          r"LlamaForCausalLM's decoder \(e\.g\. model\.layers\.0\.self_attn\.q_proj"):
         DiffModel(tiny_lm.model, "c_attn")
+
+
+def test_multimodal_gemma3_keeps_diffs_on_the_language_model():
+    """gemma-3-4b-it loads as Gemma3ForConditionalGeneration: diffs.modules=language_model (docs/models.md)
+    leaves out the vision tower's linear layers, which ".*" would also wrap."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    cfg = Gemma3Config(text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8),
+                       vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, image_size=28, patch_size=14), mm_tokens_per_image=4)
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    everything, text = DiffModel(model).names, DiffModel(model, "language_model").names
+    assert any("vision_tower" in n for n in everything)
+    assert len(text) == 14 and all(n.startswith("model.language_model.layers.") for n in text)
