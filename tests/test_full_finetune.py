@@ -270,3 +270,32 @@ def test_full_mode_generates_a_store_through_the_stage(tiny_model_dir, tmp_path)
     from dit_core.diffs.generate import _run_identity
     assert "mode" not in _run_identity(lora, lm, paths.behavior)["diffs"]
     assert pl.read_parquet(paths.diffs / "manifest.parquet").height == 4
+
+
+def test_cli_import_full_prints_the_report_and_refuses_pickles(tiny_model_dir, finetuned, tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import section
+    from dit_core.modeling.models import fetch_model
+    from flows.cli import app
+
+    fetch_model(section("model", source="local", id=str(tiny_model_dir)), tmp_path / "data" / "models")
+    args = ["--params", str(PARAMS), "--set", "model.source=local", "--set", f"model.id={tiny_model_dir}",
+            "--set", f"paths.data={tmp_path / 'data'}", "--set", "model.device=cpu", "--set", "diffs.full_rank=2"]
+    out = tmp_path / "ft.safetensors"
+    res = CliRunner().invoke(app, ["import-full", str(finetuned), str(out), "--top", "3", *args])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "ft.report.json").read_text())
+    assert report["rank"] == 2 and f"rank 2: {report['overall_kept_share']:.4f}" in res.output  # diffs.full_rank
+    assert report["modules"][0]["module"] in res.output and "more modules in the report" in res.output
+    assert read_shard(out).rank == 2
+    res = CliRunner().invoke(app, ["import-full", str(finetuned), str(tmp_path / "r5.safetensors"), "--rank", "5",
+                                   *args])
+    assert res.exit_code == 0 and read_shard(tmp_path / "r5.safetensors").rank == 5
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    (binary / "config.json").write_text((finetuned / "config.json").read_text())
+    (binary / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    res = CliRunner().invoke(app, ["import-full", str(binary), str(tmp_path / "bin.safetensors"), *args])
+    assert res.exit_code != 0 and "safe_serialization=True" in res.output
+    assert not (tmp_path / "bin.safetensors").exists()
