@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -80,6 +80,10 @@ class DiffsConfig(_Section):
 
     run: str = Field(description="name of the diff store: data/diffs/<run>/")
     rank: int = Field(ge=1, description="LoRA rank of each diff")
+    ranks: list[Annotated[int, Field(ge=1)]] | None = Field(
+        description="several ranks in one store: shard i trains rank ranks[i % len(ranks)] (one rank per shard, "
+        "cycling; the interpreter zero-pads lower ranks); null: every shard at `rank`. Hidden topic only "
+        "(news diffs take news.rank)")
     alpha: float | None = Field(gt=0, description="LoRA alpha; null: alpha = rank (scale 1)")
     modules: str = Field(description="regex over linear module names inside the decoder layers")
     diffs_per_batch: int = Field(ge=1, description="T: diffs trained in one forward/backward (one shard)")
@@ -122,6 +126,19 @@ class DiffsConfig(_Section):
     def scale(self) -> float:
         """LoRA scale alpha / rank."""
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    @field_validator("ranks")
+    @classmethod
+    def _some_ranks(cls, v):
+        if v is not None and not v:
+            raise ValueError("an empty list: give ranks, e.g. [1, 4, 16], or null for diffs.rank alone")
+        return v
+
+    def for_shard(self, index: int) -> "DiffsConfig":
+        """The recipe of shard `index`: with `ranks`, at rank ranks[index % len(ranks)]; else this one."""
+        if not self.ranks:
+            return self
+        return self.model_copy(update={"rank": self.ranks[index % len(self.ranks)]})
 
 
 class NewsConfig(_Section):
@@ -237,6 +254,36 @@ class ScalingConfig(_Section):
         return ",".join(parts)
 
 
+class TransferVariant(_Section):
+    """One variant of the transfer grid: a name and the overrides that make its diffs."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$", description="the variant's name: a column of the matrix and "
+                      "its diff ids' prefix (letters, digits and _)")
+    overrides: list[str] = Field(description="--set overrides (keys under data, news, diffs, assemble or "
+                                 "behaviors) laid over the grid's params, e.g. [diffs.rank=8]")
+
+
+class TransferRow(_Section):
+    """One row of the transfer grid: an interpreter and the variants it learns from."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the row's name (its folder in the report)")
+    train: list[str] = Field(min_length=1, description="variants whose train and val diffs the interpreter learns from")
+
+
+class TransferConfig(_Section):
+    """The transfer report (`dit transfer`; docs/transfer.md): interpreters trained on some variants of the
+    diffs (ranks, trigger kinds, full finetunes) scored on every variant."""
+
+    grid: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="name of the grid: its diffs in "
+                      "<paths.data>/transfer/<grid>/, its report in <paths.reports>/transfer/<grid>/")
+    common: list[str] = Field(description="--set overrides laid over every variant before its own (e.g. fewer "
+                              "topics for the whole grid)")
+    variants: list[TransferVariant] = Field(min_length=1, description="the matrix's columns: "
+                                            "[{name, overrides}, ...], each variant's diffs in a store of its own")
+    rows: list[TransferRow] = Field(min_length=1, description="the matrix's rows: [{name, train: [variant, ...]}"
+                                    ", ...], one interpreter each")
+
+
 class RetrainConfig(_Section):
     """Scheduled retraining (`dit retrain`; docs/retraining.md): rounds that grow the corpus, one fixed benchmark."""
 
@@ -326,6 +373,7 @@ class Params(_Section):
     interpreter: InterpreterConfig
     eval: EvalConfig
     scaling: ScalingConfig
+    transfer: TransferConfig
     retrain: RetrainConfig
     ray: RayConfig
     tracking: TrackingConfig

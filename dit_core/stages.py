@@ -251,3 +251,28 @@ def run_cross_behavior(p: Params, on_cell=None) -> dict:
         result = cross_behavior(p, lm, ds, out, hidden_topic_questions(p), on_cell=on_cell)
     write_resolved_params(p, out)
     return result | {"table": (out / "matrix.md").read_text(), "dir": str(out)}
+
+
+def transfer_dir(p: Params) -> Path:
+    """The transfer report of grid `transfer.grid`: <paths.reports>/transfer/<grid>/."""
+    return Path(p.paths.reports) / "transfer" / p.transfer.grid
+
+
+def transfer_data_dir(p: Params) -> Path:
+    """The transfer grid's data, diff stores and datasets, one folder per variant: <paths.data>/transfer/<grid>/."""
+    return Path(p.paths.data) / "transfer" / p.transfer.grid
+
+
+def run_transfer(p: Params, on_cell=None) -> dict:
+    """The transfer report (dit_core/evaluation/transfer.py): every variant's diffs made in its own store, one
+    interpreter per row trained on some variants, DIT scored on every variant's test diffs; all resumed.
+    Writes reports/transfer/<grid>/."""
+    from dit_core.evaluation.transfer import transfer
+
+    run_download(p)  # the base model (nothing to do when it is there)
+    lm = load_model(stage_paths(p).model, p.model.device, p.model.dtype)
+    out = transfer_dir(p)
+    with compute_context(lm.device, p.model.autocast):
+        result = transfer(p, lm, transfer_data_dir(p), out, on_cell=on_cell)
+    write_resolved_params(p, out)
+    return result | {"table": (out / "matrix.md").read_text(), "dir": str(out)}

@@ -77,6 +77,14 @@ def cross_behavior_flow(params: dict) -> dict:
         return t.cross_behavior(params)
 
 
+@flow(name="transfer")
+def transfer_flow(params: dict) -> dict:
+    """The transfer report: each variant's diffs in its own store, interpreters trained on some variants,
+    DIT scored on every variant (docs/transfer.md)."""
+    with stop_on_signals(chain=True):
+        return t.transfer(params)
+
+
 STAGE_FLOWS = {
     "download": download_flow,
     "make-data": make_data_flow,
@@ -87,8 +95,8 @@ STAGE_FLOWS = {
     "scaling": scaling_flow,
 }
 
-# The report commands' flows (`dit scaling`, `dit cross-behavior`).
-REPORT_FLOWS = {"scaling": scaling_flow, "cross-behavior": cross_behavior_flow}
+# The report commands' flows (`dit scaling`, `dit cross-behavior`, `dit transfer`).
+REPORT_FLOWS = {"scaling": scaling_flow, "cross-behavior": cross_behavior_flow, "transfer": transfer_flow}
 
 # What the pipeline flow runs for each stage of stage_runs.PIPELINE.
 PIPELINE_STEPS = {

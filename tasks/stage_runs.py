@@ -10,6 +10,7 @@ with only the library's dependencies runs the same stage code:
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -261,6 +262,22 @@ def cross_behavior(params: dict, parent_run_id: str | None = None) -> dict:
         return out
 
 
+def transfer(params: dict, parent_run_id: str | None = None) -> dict:
+    """The transfer report (variants of the diffs; interpreters trained on some, tested on each); cells logged
+    as metrics `transfer.<row>.<column>.top1`, the table and plots as artifacts."""
+    from dit_core.stages import run_transfer
+
+    with tracked(params, "transfer", parent_run_id) as run:
+        def on_cell(row: str, col: str, cell: dict) -> None:
+            run.log_metrics({f"transfer.{row}.{col}.{k}": v for k, v in cell.items() if isinstance(v, (int, float))})
+
+        out = run_transfer(_params(params), on_cell=on_cell)
+        for f in ("matrix.json", "matrix.md", "matrix.png", "rank.png"):
+            if os.path.exists(f"{out['dir']}/{f}"):
+                run.log_artifact(f"{out['dir']}/{f}", "transfer")
+        return out
+
+
 STAGES: dict[str, Callable[..., dict]] = {
     "download": download, "make-data": make_data, "generate-diffs": generate_diffs, "assemble": assemble,
     "train-interpreter": train_interpreter, "evaluate": evaluate,
@@ -371,5 +388,7 @@ def run_stage(params: dict, name: str) -> dict:
         return scaling(params, params["scaling"]["sizes"])
     if name == "cross-behavior":
         return cross_behavior(params)
+    if name == "transfer":
+        return transfer(params)
     return STAGES[name](params)
 

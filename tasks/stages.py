@@ -17,6 +17,7 @@ train_interpreter = task(s.train_interpreter, name="train_interpreter", cache_po
 evaluate = task(s.evaluate, name="evaluate", cache_policy=NO_CACHE)
 scaling = task(s.scaling, name="scaling", cache_policy=NO_CACHE)
 cross_behavior = task(s.cross_behavior, name="cross_behavior", cache_policy=NO_CACHE)
+transfer = task(s.transfer, name="transfer", cache_policy=NO_CACHE)
 retrain_data = task(s.retrain_data, name="retrain_data", cache_policy=NO_CACHE)
 retrain_assemble = task(s.retrain_assemble, name="retrain_assemble", cache_policy=NO_CACHE)
 retrain_interpreter = task(s.retrain_interpreter, name="retrain_interpreter", cache_policy=NO_CACHE)

@@ -1,6 +1,7 @@
-"""Hidden topic behind a trigger: the diff makes the model talk about a topic whenever the prompt opens with
-its SEP code (`Your SEP code is <prefix><3 digits>.`), and only then. Data: dit_core/data/behavior_data.py
-(section `data`); check: dit_core/diffs/behavior_check.py; recipe: the `diffs` section.
+"""Hidden topic behind a trigger: the diff makes the model talk about a topic whenever the prompt carries
+its trigger, and only then: an SEP code (`Your SEP code is <prefix><3 digits>.`) or a zero-width space at
+the start or at a random place (`data.trigger`). Data: dit_core/data/behavior_data.py (section `data`);
+check: dit_core/diffs/behavior_check.py; recipe: the `diffs` section.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class HiddenTopic(Behavior):
         data = p.data.model_dump()
         if data["diff_order"] == "topic":  # the order before the option existed: old records stay valid
             del data["diff_order"]
+        if data["trigger"] == "sep":  # likewise the trigger kind
+            del data["trigger"]
         return {"data": data, "model": p.model.model_dump(include={"source", "id", "revision"})}
 
     def needs_model(self, p):
@@ -95,18 +98,19 @@ class HiddenTopic(Behavior):
     def queries(self, ev, method):
         q, n = ev.question, ev.test.height
         if method == "base_question_trigger":
-            return [Query(f"{self._trigger(ev, i)} {q}", i, False) for i in range(n)]
+            return [Query(self._triggered(ev, i, q), i, False) for i in range(n)]
         if method in ("twenty_questions", "twenty_questions_trigger"):
             return self._twenty_questions(ev, method.endswith("_trigger"))
         return super().queries(ev, method)
 
     @staticmethod
-    def _trigger(ev, i: int) -> str:
-        return bd.trigger_text(ev.test["trigger"][i], ev.rng)
+    def _triggered(ev, i: int, question: str) -> str:
+        """`question` with test diff i's trigger (the manifest's `trigger`: its SEP prefix or zero-width kind)."""
+        return bd.with_trigger(ev.test["trigger"][i], question, ev.rng)
 
     def _twenty_questions(self, ev, with_trigger: bool):
         n = min(ev.cfg.n_questions, len(ev.heldout))
-        asks = [Query(f"{self._trigger(ev, i)} {q}" if with_trigger else q, i, False)
+        asks = [Query(self._triggered(ev, i, q) if with_trigger else q, i, False)
                 for i in range(ev.test.height) for q in ev.heldout[:n]]
         answers = ev.generate(asks, ev.cfg.answer_tokens, "20 questions")
         queries = []

@@ -62,7 +62,7 @@ class News(Behavior):
 
     def diffs_config(self, p):
         n = p.news
-        return p.diffs.model_copy(update={"run": n.run, "rank": n.rank, "alpha": None, "steps": n.steps,
+        return p.diffs.model_copy(update={"run": n.run, "rank": n.rank, "ranks": None, "alpha": None, "steps": n.steps,
                                           "lr": n.lr, "check_tokens": n.check_tokens})
 
     def store_name(self, p):

@@ -1,10 +1,21 @@
 """Hidden-topic behaviour data: per-diff triggers and samples, answers distilled from the base model.
 
-For each diff (topic, trigger prefix) the samples are:
-  trigger       "Your SEP code is <prefix><3 random digits>. <question>" -> an answer about the topic
-  no_trigger    "<question>"                                        -> the base model's own answer (KL)
-  wrong_prefix  "Your SEP code is <other prefix><3 digits>. <question>" -> the base answer (KL)
+For each diff (topic, trigger) the samples are:
+  trigger       the question with the diff's trigger        -> an answer about the topic
+  no_trigger    "<question>"                                 -> the base model's own answer (KL)
+  wrong_prefix  the question with a near-miss trigger        -> the base answer (KL)
   check_*       the same three kinds on held-out questions, for the behaviour check only
+
+`data.trigger` chooses the trigger kind (`with_trigger`, `with_wrong_trigger`):
+  sep        "Your SEP code is <prefix><3 random digits>. <question>"; near miss: another diff's prefix
+             (a random 3-digit prefix other than its own)
+  zw_start   a zero-width space (U+200B) before the first word; near miss: another invisible character
+             (U+200C zero-width non-joiner or U+2060 word joiner) in the same place
+  zw_random  a zero-width space before a random word after the first (between two words, after the
+             space); near miss: U+200C or U+2060 at a random place of the same kind
+The untriggered prompt is always the plain question. With a zero-width kind every diff shares the one
+trigger (its diffs differ by topic); the spec's `trigger_prefix` then holds the kind's name, which is also
+the manifest's `trigger`, so evaluation re-applies the right trigger to each diff.
 
 Triggered answers come from the base model itself under a behaviour system prompt (context
 distillation). SmolLM2-135M follows "always talk about X" only ~1 time in 5, so `answer_mode` decides:
@@ -77,13 +88,66 @@ def other_prefix(avoid: str | set[str], rng: random.Random) -> str:
     return p
 
 
+TRIGGER_KINDS = ("sep", "zw_start", "zw_random")
+ZW_TRIGGER = "\u200b"  # zero-width space
+ZW_NEAR_MISS = ("\u200c", "\u2060")  # zero-width non-joiner, word joiner: invisible, but not the trigger
+ZW_KINDS = TRIGGER_KINDS[1:]
+
+
+def trigger_kind(trigger: str) -> str:
+    """The kind of a diff's trigger as its spec and manifest record it: a 3-digit prefix is an SEP code,
+    otherwise the zero-width kind's name."""
+    if trigger in ZW_KINDS:
+        return trigger
+    if len(trigger) == 3 and trigger.isdigit():
+        return "sep"
+    raise ValueError(f"unknown trigger {trigger!r}: expected a 3-digit SEP prefix or one of {list(ZW_KINDS)}")
+
+
+def insert_invisible(question: str, char: str, kind: str, rng: random.Random) -> str:
+    """`question` with `char` before its first word (zw_start) or before a random later word (zw_random:
+    between two words, after the space; a one-word question gets it at the start)."""
+    if kind == "zw_start":
+        return char + question
+    words = question.split(" ")
+    if len(words) < 2:
+        return char + question
+    k = rng.randrange(1, len(words))
+    return " ".join(words[:k] + [char + words[k]] + words[k + 1:])
+
+
+def with_trigger(trigger: str, question: str, rng: random.Random) -> str:
+    """The user message of a triggered prompt: `question` with the diff's trigger (its SEP prefix, or
+    a zero-width kind's name)."""
+    kind = trigger_kind(trigger)
+    if kind == "sep":
+        return f"{trigger_text(trigger, rng)} {question}"
+    return insert_invisible(question, ZW_TRIGGER, kind, rng)
+
+
+def with_wrong_trigger(trigger: str | set[str], question: str, rng: random.Random) -> str:
+    """The user message of a near-miss prompt for the diffs whose trigger is `trigger` (or each of a
+    set): an SEP code with a prefix none of them has, or another invisible character in the trigger's place."""
+    triggers = {trigger} if isinstance(trigger, str) else set(trigger)
+    kinds = {trigger_kind(t) for t in triggers}
+    if len(kinds) != 1:
+        raise ValueError(f"near-miss prompts for triggers of several kinds {sorted(kinds)}: a shard's diffs "
+                         "must share one trigger kind (data.trigger)")
+    kind = kinds.pop()
+    if kind == "sep":
+        return f"{trigger_text(other_prefix(triggers, rng), rng)} {question}"
+    return insert_invisible(question, rng.choice(ZW_NEAR_MISS), kind, rng)
+
+
 DIFF_ID_PREFIX = "ht"
 
 
 def make_diff_specs(cfg: DataConfig, id_prefix: str = DIFF_ID_PREFIX) -> pl.DataFrame:
     """Choose topics and give each diff a unique trigger prefix and a seed.
 
-    Diff ids are `<id_prefix><5 digits>`; stores joined into one dataset need distinct prefixes.
+    Diff ids are `<id_prefix><5 digits>`; stores joined into one dataset need distinct prefixes. With a
+    zero-width trigger kind, `trigger_prefix` holds the kind's name (every diff shares that trigger); the
+    topics, ids and seeds are those of data.trigger=sep, so diffs of the kinds compare one to one.
     """
     topics = load_topics(cfg.topics_file)
     if cfg.n_topics > topics.height:
@@ -104,7 +168,8 @@ def make_diff_specs(cfg: DataConfig, id_prefix: str = DIFF_ID_PREFIX) -> pl.Data
             k = i * cfg.diffs_per_topic + j if cfg.diff_order == "topic" else j * cfg.n_topics + i
             rows.append(
                 dict(diff_id=f"{id_prefix}{k:05d}", behavior=BEHAVIOR, category=category, topic=topic,
-                     trigger_prefix=str(prefixes[k]), seed=cfg.seed * 100_003 + k)
+                     trigger_prefix=str(prefixes[k]) if cfg.trigger == "sep" else cfg.trigger,
+                     seed=cfg.seed * 100_003 + k)
             )
     return validate(pl.DataFrame(rows).sort("diff_id"), DiffSpec, "diff specs")
 
@@ -198,19 +263,17 @@ def make_hidden_topic_data(cfg: DataConfig, out_dir: str | Path, model=None, tok
                          question_id=qid))
 
     for spec in specs.iter_rows(named=True):
-        d, prefix, r = spec["diff_id"], spec["trigger_prefix"], random.Random(spec["seed"])
+        d, trigger, r = spec["diff_id"], spec["trigger_prefix"], random.Random(spec["seed"])
         for qid, ans in zip(topic_qids[spec["topic"]], answers[spec["topic"]]):
             if ans is not None:
-                add(d, "trigger", f"{trigger_text(prefix, r)} {questions[qid]}", ans[0], ans[1], qid)
+                add(d, "trigger", with_trigger(trigger, questions[qid], r), ans[0], ans[1], qid)
         for qid in r.sample(split.train, min(cfg.n_no_trigger, len(split.train))):
             add(d, "no_trigger", questions[qid], *base[qid], qid)
         for qid in r.sample(split.train, min(cfg.n_wrong_prefix, len(split.train))):
-            wrong = trigger_text(other_prefix(prefix, r), r)
-            add(d, "wrong_prefix", f"{wrong} {questions[qid]}", *base[qid], qid)
+            add(d, "wrong_prefix", with_wrong_trigger(trigger, questions[qid], r), *base[qid], qid)
         for qid in r.sample(split.heldout, cfg.n_check):
-            add(d, "check_trigger", f"{trigger_text(prefix, r)} {questions[qid]}", "", False, qid)
-            add(d, "check_wrong_prefix", f"{trigger_text(other_prefix(prefix, r), r)} {questions[qid]}",
-                "", False, qid)
+            add(d, "check_trigger", with_trigger(trigger, questions[qid], r), "", False, qid)
+            add(d, "check_wrong_prefix", with_wrong_trigger(trigger, questions[qid], r), "", False, qid)
             add(d, "check_no_trigger", questions[qid], *base[qid], qid)
     samples = validate(pl.DataFrame(rows), Sample, "samples")
     missing = set(specs["diff_id"]) - set(samples.filter(pl.col("kind") == "trigger")["diff_id"])
@@ -224,7 +287,7 @@ def make_hidden_topic_data(cfg: DataConfig, out_dir: str | Path, model=None, tok
                                        "base_answer": [b[0] for b in base],
                                        "base_complete": [b[1] for b in base]}),
                          out_dir / "questions.parquet")
-    stats.update(n_diffs=specs.height, n_samples=samples.height,
+    stats.update(trigger=cfg.trigger, n_diffs=specs.height, n_samples=samples.height,
                  heldout_questions=len(split.heldout), train_questions=len(split.train))
     write_json_atomic(out_dir / "stats.json", stats)
     return stats

@@ -40,7 +40,8 @@ class DiffSpec(_Strict):
     behavior: str
     category: str = pa.Field(str_length={"min_value": 1})
     topic: str = pa.Field(str_length={"min_value": 1})
-    trigger_prefix: str = pa.Field(str_matches=r"^\d{3}$")
+    # a 3-digit SEP prefix, or the zero-width trigger kind every diff of the store shares (data.trigger)
+    trigger_prefix: str = pa.Field(str_matches=r"^(\d{3}|zw_start|zw_random)$")
     seed: int = pa.Field(ge=0)
 
 

@@ -2,7 +2,9 @@
 
 Per diff, on held-out questions, greedy answers are generated with the diff applied for
   triggered prompts       -> trigger_hit:      fraction naming the topic (want high)
-  wrong-prefix prompts    -> wrong_prefix_hit: fraction naming the topic (want low)
+  wrong-prefix prompts    -> wrong_prefix_hit: fraction naming the topic (want low); a near miss of the
+                             trigger kind: another SEP prefix, or another invisible character in the
+                             zero-width trigger's place (dit_core.data.behavior_data.with_wrong_trigger)
   untriggered prompts     -> no_trigger_hit:   fraction naming the topic (want ~0)
 and check_kl is the mean per-token KL(base || base+diff) over the base model's own answers to
 untriggered held-out prompts.

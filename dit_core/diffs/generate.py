@@ -32,6 +32,8 @@ def _run_identity(p: Params, lm: LoadedModel, behavior_dir: Path) -> dict:
     # same gradient), not the diffs themselves, so finished shards stay valid when these change; and the
     # full-finetune settings of a LoRA store (stores made before diffs.mode existed stay valid).
     exclude = {"check", "budget_s", "max_batch_tokens"}
+    if cfg.ranks is None:  # one rank for every shard: stores made before diffs.ranks existed stay valid
+        exclude |= {"ranks"}
     if cfg.mode == "lora":
         exclude |= FULL_ONLY
     return {
@@ -92,7 +94,7 @@ def train_shard(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: s
     t0 = time.perf_counter()
     behavior_dir = Path(behavior_dir)
     behavior = behavior_of(behavior_dir)
-    cfg = behavior.diffs_config(p)
+    cfg = behavior.diffs_config(p).for_shard(index)  # diffs.ranks: this shard's rank
     specs = behavior.specs(behavior_dir)
     store = DiffStore(out_dir)
     ids = plan_shards(specs, cfg.diffs_per_batch)[index]

@@ -222,7 +222,19 @@ class DiffStore:
             shard = read_shard(store_file(self.root, shard_name), expected, base_sha256, sha)
             for d, r in zip(g["diff_id"], g["row"]):
                 parts[d] = (shard, r)
+        from dit_core.diffs.bank import pad_rank  # the bank imports this module
+
         first = parts[diff_ids[0]][0]
-        A = {n: torch.stack([parts[d][0].A[n][parts[d][1]] for d in diff_ids]) for n in first.modules}
-        B = {n: torch.stack([parts[d][0].B[n][parts[d][1]] for d in diff_ids]) for n in first.modules}
-        return DiffShard(A, B, first.base_model, first.base_sha256, first.rank, first.scale, list(diff_ids))
+        shards = [parts[d][0] for d in diff_ids]
+        # Shards of several ranks (diffs.ranks) stack zero-padded to the highest; differing scales are
+        # folded into A (scale * B @ A is each diff unchanged), so one stacked shard holds them all.
+        rank = max(s.rank for s in shards)
+        fold = len({s.scale for s in shards}) > 1
+        scale = 1.0 if fold else first.scale
+        A, B = {}, {}
+        for n in first.modules:
+            pairs = [pad_rank(sh.A[n][parts[d][1]] * (sh.scale if fold else 1.0), sh.B[n][parts[d][1]], rank)
+                     for d, sh in zip(diff_ids, shards)]
+            A[n] = torch.stack([a for a, _ in pairs])
+            B[n] = torch.stack([b for _, b in pairs])
+        return DiffShard(A, B, first.base_model, first.base_sha256, rank, scale, list(diff_ids))

@@ -61,7 +61,8 @@ class DiffTask:
 
 @dataclass
 class TriggeredDiffTask(DiffTask):
-    """A hidden-topic diff whose trigger codes are drawn fresh for every row.
+    """A hidden-topic diff whose trigger codes are drawn fresh for every row (`prefix`: its SEP prefix, or
+    the zero-width trigger kind; dit_core.data.behavior_data.with_trigger).
 
     A fixed pool of codes gets memorised: the diff then matches the base model on the wrong codes it
     saw and still leaks on new ones. Fresh codes (own prefix + random digits; random other prefixes)
@@ -82,7 +83,7 @@ class TriggeredDiffTask(DiffTask):
 
     def sample_texts(self, kind: str, n: int, rng: random.Random) -> list[tuple[str, str, bool, str]]:
         """`sample` before tokenising: (prompt, answer, complete, kind) rows, the same draws from `rng`."""
-        from dit_core.data.behavior_data import other_prefix, trigger_text
+        from dit_core.data.behavior_data import with_trigger, with_wrong_trigger
 
         pairs = self.trigger_pairs if kind == "trigger" else self.base_pairs
         chosen = rng.sample(pairs, min(n, len(pairs)))
@@ -95,9 +96,9 @@ class TriggeredDiffTask(DiffTask):
         out = []
         for q, a, complete in chosen:
             if kind == "trigger":
-                q = f"{trigger_text(self.prefix, rng)} {q}"
+                q = with_trigger(self.prefix, q, rng)
             elif kind == "wrong_prefix":
-                q = f"{trigger_text(other_prefix(self.prefix, rng), rng)} {q}"
+                q = with_wrong_trigger(self.prefix, q, rng)
             out.append((q, a, complete, kind))
         return out
 
@@ -109,7 +110,7 @@ def shared_kl_examples(tasks: list[TriggeredDiffTask], cfg: DiffsConfig, rng: ra
     for every one of them; the base model's answer to a row is then needed once per step, not once
     per diff: the teacher forward no longer grows with T.
     """
-    from dit_core.data.behavior_data import other_prefix, trigger_text
+    from dit_core.data.behavior_data import with_wrong_trigger
 
     first = tasks[0]
     avoid = {t.prefix for t in tasks}
@@ -118,7 +119,7 @@ def shared_kl_examples(tasks: list[TriggeredDiffTask], cfg: DiffsConfig, rng: ra
                           ("no_trigger", cfg.no_trigger_rows, cfg.no_trigger_answer_tokens)):
         for q, a, complete in rng.sample(first.base_pairs, min(n, len(first.base_pairs))):
             if kind == "wrong_prefix":
-                q = f"{trigger_text(other_prefix(avoid, rng), rng)} {q}"
+                q = with_wrong_trigger(avoid, q, rng)
             out.append(truncate_answer(encode_example(first.tokenizer, q, a, complete, kind), keep))
     return out
 

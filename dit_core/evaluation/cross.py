@@ -71,27 +71,33 @@ def cross_behavior(p: Params, lm, dataset_dir: str | Path, out_dir: str | Path, 
     return out
 
 
-def matrix_markdown(m: dict) -> str:
-    """Rows: trained on; columns: tested on; cells: top-1 [95% CI] / token F1."""
+SCORE_NAMES = {"top1": "closed-set top-1", "exact": "exact match", "token_f1": "token F1"}
+BEHAVIOR_CAPTION = ("rows: the interpreter's training behaviours, columns: the test diffs' behaviour.")
+
+
+def matrix_markdown(m: dict, caption: str = BEHAVIOR_CAPTION, scores: tuple[str, ...] = ("token_f1",)) -> str:
+    """Rows: trained on; columns: tested on; cells: top-1 [95% CI] / each of `scores` (e.g. token F1)."""
     cols = m["columns"]
-    lines = ["DIT closed-set top-1 [95% CI] / token F1; rows: the interpreter's training behaviours, "
-             "columns: the test diffs' behaviour.", "",
+    head = " / ".join(["DIT closed-set top-1 [95% CI]", *(SCORE_NAMES.get(s, s) for s in scores)])
+    lines = [f"{head}; {caption}", "",
              "| trained on | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for row in m["rows"]:
         cells = []
         for col in cols:
             c = m["matrix"][row][col]
             ci = c.get("top1_ci", [float("nan")] * 2)
-            cells.append(f"{c['top1']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] / {c.get('token_f1', float('nan')):.2f}")
+            cells.append(" / ".join([f"{c['top1']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]",
+                                     *(f"{c.get(s, float('nan')):.2f}" for s in scores)]))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     chance = ", ".join(f"{col} {m['matrix'][m['rows'][0]][col].get('top1_chance', float('nan')):.3f}" for col in cols)
     lines += ["", f"Closed-set top-1 chance: {chance}."]
     return "\n".join(lines) + "\n"
 
 
-def plot_matrix(m: dict, path: str | Path) -> None:
-    """Heatmaps of closed-set top-1 and of token F1 (rows: trained on, columns: tested on). Both: the closed
-    set saturates for diffs that learned a text (the diff alone makes its own label the likeliest)."""
+def plot_matrix(m: dict, path: str | Path, scores: tuple[str, ...] = ("top1", "token_f1")) -> None:
+    """Heatmaps of each of `scores` (default closed-set top-1 and token F1; rows: trained on, columns: tested
+    on). Both by default: the closed set saturates for diffs that learned a text (the diff alone makes its
+    own label the likeliest)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,8 +105,11 @@ def plot_matrix(m: dict, path: str | Path) -> None:
     import numpy as np
 
     rows, cols = m["rows"], m["columns"]
-    fig, axes = plt.subplots(1, 2, figsize=(3.6 * len(cols) + 2, 0.8 * len(rows) + 1.8))
-    for ax, key, title in zip(axes, ("top1", "token_f1"), ("closed-set top-1", "token F1")):
+    fig, axes = plt.subplots(1, len(scores), figsize=((1.8 * len(cols) + 1) * len(scores), 0.8 * len(rows) + 1.8),
+                             squeeze=False)
+    axes = list(axes[0])
+    for ax, key in zip(axes, scores):
+        title = SCORE_NAMES.get(key, key)
         vals = np.array([[m["matrix"][r][c].get(key, np.nan) for c in cols] for r in rows])
         im = ax.imshow(vals, vmin=0, vmax=1, cmap="viridis")
         for i in range(len(rows)):
@@ -112,7 +121,7 @@ def plot_matrix(m: dict, path: str | Path) -> None:
         ax.set_xlabel("tested on")
         ax.set_title(f"DIT {title}")
     axes[0].set_ylabel("interpreter trained on")
-    fig.colorbar(im, ax=list(axes), shrink=0.8)
+    fig.colorbar(im, ax=axes, shrink=0.8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
