@@ -201,6 +201,10 @@ class InterpreterConfig(_Section):
     patience: int = Field(ge=1, description="early stopping: epochs without val-loss improvement")
     n_samples: int = Field(ge=0, description="sample generations logged after each epoch")
     max_new_tokens: int = Field(ge=1, description="max tokens of an interpreter answer")
+    diff_memory_mb: float = Field(
+        gt=0, description="memory for diffs (MiB): training keeps every diff on its device when they fit, else "
+        "it and `dit describe` stream shards from disk through a cache of at most this size, so memory stays "
+        "flat in the number of diffs")
     init_std: float = Field(gt=0, description="std of the adapter's input-side factor at init")
     seed: int = Field(description="seed of init and data order")
     unsure_accuracy: float = Field(

@@ -21,8 +21,13 @@ def pad_rank(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     return (torch.nn.functional.pad(A, (0, 0, 0, rank - r)), torch.nn.functional.pad(B, (0, rank - r)))
 
 
+def _nbytes(shard: DiffShard) -> int:
+    return sum(t.numel() * t.element_size() for d in (shard.A, shard.B) for t in d.values())
+
+
 class DiffBank:
-    """Look up diffs by id across stores; keeps the `cache_shards` most recently used shards.
+    """Look up diffs by id across stores; keeps the most recently used shards, at most `cache_bytes` of
+    them (always the one in use), so memory stays flat in the number of diffs.
 
     After `preload(device)` every diff of the index sits on the device, stacked per module, and `get`
     gathers rows there (one index per module) instead of stacking per-diff tensors on the host and
@@ -30,7 +35,7 @@ class DiffBank:
     """
 
     def __init__(self, index: pl.DataFrame, expected: dict[str, tuple[int, int]] | None = None,
-                 base_sha256: str | None = None, cache_shards: int = 8):
+                 base_sha256: str | None = None, cache_bytes: int = 512 * 2**20):
         # index: one row per diff with columns diff_id, store, shard, row; each shard must be a file in
         # its store's folder (store_file refuses a name or symlink that leads out of it)
         files = {(s, sh): store_file(s, sh) for s, sh in index.select("store", "shard").unique().iter_rows()}
@@ -42,7 +47,9 @@ class DiffBank:
                      if "shard_sha256" in index.columns else {})
         self.expected, self.base_sha256 = expected, base_sha256
         self._cache: OrderedDict[Path, DiffShard] = OrderedDict()
-        self.cache_shards = cache_shards
+        self.cache_bytes, self._cached_bytes = cache_bytes, 0
+        # for a size estimate before anything is read (preload): the highest rank the index records
+        self._max_rank = int(index["rank"].max()) if "rank" in index.columns and index.height else None
         self._stacked: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor] | None = None
         self._position: dict[str, int] = {}
 
@@ -52,6 +59,10 @@ class DiffBank:
 
         Returns whether it did; if not, `get` keeps streaming shards from disk.
         """
+        if self.expected is not None and self._max_rank is not None:  # too big by the index: read nothing
+            per_diff = self._max_rank * sum(i + o for i, o in self.expected.values()) * 4  # float32 factors
+            if len(self._where) * per_diff > max_bytes:
+                return False
         paths = sorted({path for path, _ in self._where.values()})
         by_path = {path: [] for path in paths}
         for d, (path, row) in self._where.items():
@@ -88,8 +99,9 @@ class DiffBank:
             return self._cache[path]
         shard = read_shard(path, self.expected, self.base_sha256, self._sha.pop(path, None))
         self._cache[path] = shard
-        if len(self._cache) > self.cache_shards:
-            self._cache.popitem(last=False)
+        self._cached_bytes += _nbytes(shard)
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            self._cached_bytes -= _nbytes(self._cache.popitem(last=False)[1])
         return shard
 
     def get(self, diff_ids: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
