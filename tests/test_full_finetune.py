@@ -51,6 +51,12 @@ def test_svd_reduction_keeps_the_singular_value_share(method):
     assert B.shape == (4, 8) and A.shape == (8, 6) and torch.allclose(B @ A, small, atol=1e-5)
     assert float(kept) == pytest.approx(1.0, abs=1e-6)
     assert float(svd_factors(torch.zeros(5, 7), 2, method)[2]) == 1.0
+    # stacked diffs (T, in, out), as diffs.mode=full reduces them: each row as if alone
+    stack = torch.stack([M, _low_rank_plus_noise(96, 128, k=1, noise=1e-2, seed=1)])
+    B, A, kept = svd_factors(stack, 2, method)
+    for t in range(2):
+        b, a, k = svd_factors(stack[t], 2, method)
+        assert float(kept[t]) == pytest.approx(float(k), rel=1e-5) and torch.allclose(B[t] @ A[t], b @ a, atol=1e-4)
 
 
 def test_dense_deltas_equal_the_edited_weights(tiny_model_dir):

@@ -37,7 +37,7 @@ ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_s
                "num_key_value_heads", "vocab_size", "tie_word_embeddings")
 # Buffers older checkpoints stored that are not weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-# Above this oversampled rank (relative to the matrix), the exact SVD is used: svd_lowrank gains little.
+# torch.svd_lowrank oversampling and power iterations (svd_factors says when it is used).
 LOWRANK_OVERSAMPLE, LOWRANK_NITER = 10, 4
 
 
@@ -55,7 +55,11 @@ def svd_factors(M: torch.Tensor, rank: int, method: str = "auto"
     """
     if method not in ("auto", "exact", "lowrank"):
         raise ValueError(f"method={method!r}: expected auto, exact or lowrank")
-    M = M.float()
+    with torch.autocast(device_type=M.device.type, enabled=False):  # float32 even inside a training context
+        return _svd_factors(M.float(), rank, method)
+
+
+def _svd_factors(M: torch.Tensor, rank: int, method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fan_in, fan_out = M.shape[-2:]
     k = min(rank, fan_in, fan_out)
     q = k + LOWRANK_OVERSAMPLE
