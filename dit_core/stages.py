@@ -166,13 +166,17 @@ def run_assemble(p: Params, stores: list[Path] | None = None, test_store: Path |
 
 def run_train_interpreter(p: Params, log_metrics=None, dataset: Path | None = None) -> dict:
     """Train the interpreter on the assembled dataset (default dataset_dir(p)); writes models/interpreter/."""
+    from dit_core.interpreter import data_parallel
     from dit_core.interpreter.training import InterpreterRecipe
     from dit_core.evaluation.report import plot_curves
 
+    dp = data_parallel.current(p.model.device)  # under torchrun: joins the ranks, picks this rank's GPU
     lm = load_model(stage_paths(p).model, p.model.device, p.model.dtype)
     out = interpreter_dir(p)
     with compute_context(lm.device, p.model.autocast):
         summary = InterpreterRecipe(p, lm, dataset or dataset_dir(p), out, log_metrics=log_metrics).run()
+    if not dp.is_main:
+        return summary  # rank 0 writes the reports
     reports = Path(p.paths.reports)
     reports.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "train_log.csv", reports / "train_log.csv")  # DVC plots read it here

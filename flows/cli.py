@@ -49,12 +49,16 @@ def _load(params_file: str, overrides: Optional[list[str]], profiles: Optional[l
         raise typer.Exit(EXIT_CONFIG) from None
 
 
-def _run_flow(flow, params: dict, **kwargs) -> dict:
+def _run_flow(flow, params: dict, lock: bool = True, **kwargs) -> dict:
+    import contextlib
+
     from dit_core.lock import workspace_lock
     from dit_core.stop import StopRequested, is_stop, stop_on_signals, stop_requested
 
     try:
-        with stop_on_signals(), workspace_lock(params["paths"]["data"], "dit " + " ".join(sys.argv[1:])[:300]):
+        held = (workspace_lock(params["paths"]["data"], "dit " + " ".join(sys.argv[1:])[:300]) if lock
+                else contextlib.nullcontext())
+        with stop_on_signals(), held:
             return flow(params, **kwargs)
     except BaseException as e:
         if not is_stop(e):
@@ -94,12 +98,26 @@ def stage(
     Examples:
       dit stage generate-diffs --profile gated --budget 3600
       dit stage evaluate --engine local --set tracking.enabled=false
+      torchrun --standalone --nproc-per-node 4 $(which dit) stage train-interpreter   # data-parallel, 4 GPUs
     """
     if name not in STAGE_NAMES:
         typer.secho(f"error: unknown stage '{name}'; choose one of {', '.join(STAGE_NAMES)}", fg="red", err=True)
         raise typer.Exit(EXIT_CONFIG)
     _engine(engine)
     params = _load(params_file, _with_budget(set_, budget), profile)
+    from dit_core.interpreter.data_parallel import rank_from_env, world_size_from_env
+
+    if world_size_from_env() > 1:  # under torchrun: data-parallel interpreter training
+        if name != "train-interpreter":
+            typer.secho(f"error: WORLD_SIZE={world_size_from_env()}: only train-interpreter runs data-parallel "
+                        f"under torchrun; run `dit stage {name}` in one process", fg="red", err=True)
+            raise typer.Exit(EXIT_CONFIG)
+        if rank_from_env() > 0:  # rank 0 holds the workspace lock, tracks the run and writes the files
+            from tasks.stage_runs import run_stage
+
+            params["tracking"]["enabled"] = False
+            _run_flow(lambda p: run_stage(p, name), params, lock=False)
+            return
     if engine == "local":
         from tasks.stage_runs import run_stage
 

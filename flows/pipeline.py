@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
-from prefect import flow, unmapped
+from prefect import flow, get_run_logger, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dit_core.stop import stop_on_signals
-from tasks import stage_runs
+from tasks import ray_runner, stage_runs
 from tasks import stages as t
 
 
@@ -25,25 +26,54 @@ def make_data_flow(params: dict) -> dict:
     return t.make_data(params)
 
 
-# Shards run one at a time locally (one model, few cores); a RayTaskRunner spreads them over GPUs.
+def _shard_options(resources: dict):
+    """Ray resources for the shard tasks submitted inside (nothing without Ray)."""
+    if not resources:
+        return contextlib.nullcontext()
+    from prefect_ray.context import remote_options
+
+    return remote_options(**resources)
+
+
+# Shards run one at a time locally (one model, few cores); with params `ray.address` generate_diffs_stage
+# gives this flow a RayTaskRunner, one Ray task per shard (tasks/ray_runner.py).
 @flow(name="stage-generate-diffs", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def generate_diffs_flow(params: dict, parent_run_id: str | None = None) -> dict:
     """Train all weight diffs: one task per shard, mapped (no budget) or in turn within diffs.budget_s."""
+    resources, shard_params = {}, params
+    if ray_runner.ray_enabled(params):
+        resources, shard_params = ray_runner.shard_resources(params), ray_runner.worker_params(params)
+        get_run_logger().info("shards on Ray (%s), each task with %s", ray_runner.describe_cluster(), resources)
     if params["diffs"]["budget_s"] is not None:  # a budget decides shard by shard whether the next fits
+        def train(_params: dict, index: int, behavior: str) -> str:
+            if not resources:
+                return t.train_shard(_params, index, behavior)
+            with _shard_options(resources):
+                return t.train_shard.submit(params=shard_params, index=index, behavior=behavior).result()
+
         with stop_on_signals(chain=True):
-            return stage_runs.generate_diffs(params, parent_run_id, train=t.train_shard)
+            return stage_runs.generate_diffs(params, parent_run_id, train=train)
     with stop_on_signals(chain=True), stage_runs.tracked(params, "generate_diffs", parent_run_id) as run:
         names = params["behaviors"]
         sizes = {name: t.prepare_diffs(params, name) for name in names}
         jobs = [(name, i) for name in names for i in range(sizes[name])]
         t0 = time.time()
-        futures = t.train_shard.map(params=unmapped(params), index=[i for _, i in jobs],
-                                    behavior=[name for name, _ in jobs])
+        with _shard_options(resources):
+            futures = t.train_shard.map(params=unmapped(shard_params), index=[i for _, i in jobs],
+                                        behavior=[name for name, _ in jobs])
         statuses = [f.result() for f in futures]
         seconds = time.time() - t0
         return stage_runs.per_behavior(params, {
             name: stage_runs.finalize_diffs(params, sizes[name], [s for (b, _), s in zip(jobs, statuses) if b == name],
                                             seconds, run=run, behavior=name) for name in names})
+
+
+def generate_diffs_stage(params: dict, parent_run_id: str | None = None) -> dict:
+    """generate_diffs_flow on the task runner params `ray` selects: local threads, or Ray."""
+    run = generate_diffs_flow
+    if ray_runner.ray_enabled(params):
+        run = generate_diffs_flow.with_options(task_runner=ray_runner.task_runner(params))
+    return run(params, parent_run_id)
 
 
 @flow(name="stage-assemble")
@@ -88,7 +118,7 @@ def transfer_flow(params: dict) -> dict:
 STAGE_FLOWS = {
     "download": download_flow,
     "make-data": make_data_flow,
-    "generate-diffs": generate_diffs_flow,
+    "generate-diffs": generate_diffs_stage,
     "assemble": assemble_flow,
     "train-interpreter": train_interpreter_flow,
     "evaluate": evaluate_flow,
@@ -100,7 +130,7 @@ REPORT_FLOWS = {"scaling": scaling_flow, "cross-behavior": cross_behavior_flow, 
 
 # What the pipeline flow runs for each stage of stage_runs.PIPELINE.
 PIPELINE_STEPS = {
-    "download": t.download, "make-data": t.make_data, "generate-diffs": generate_diffs_flow,
+    "download": t.download, "make-data": t.make_data, "generate-diffs": generate_diffs_stage,
     "assemble": t.assemble, "train-interpreter": t.train_interpreter, "evaluate": t.evaluate,
 }
 

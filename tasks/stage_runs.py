@@ -148,6 +148,9 @@ def generate_diffs(params: dict, parent_run_id: str | None = None,
 
     from dit_core.diffs.generate import run_shards
 
+    if train is train_shard and params["ray"]["address"] is not None:
+        log.warning("ray.address=%s is for the Prefect engine (flows/pipeline.py); the shards train in this process",
+                    params["ray"]["address"])
     with tracked(params, "generate_diffs", parent_run_id) as run:  # open while shards train: a stop marks it
         out, t_start, budget = {}, time.time(), params["diffs"]["budget_s"]
         for name in params["behaviors"]:
