@@ -75,7 +75,7 @@ def _copy_data(b, src: Path, src_prefix: str, dst: Path, dst_prefix: str, made_w
         if name.endswith(".parquet"):
             df = pl.read_parquet(src / name)
             if "diff_id" in df.columns:
-                df = df.with_columns(pl.lit(dst_prefix) + pl.col("diff_id").str.slice(len(src_prefix)))
+                df = df.with_columns((pl.lit(dst_prefix) + pl.col("diff_id").str.slice(len(src_prefix))).alias("diff_id"))
             write_parquet_atomic(df, dst / name)
         else:
             with atomic_path(dst / name) as tmp:
