@@ -51,7 +51,7 @@ def _command(sets, nproc):
 
 
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _run(sets, nproc):
@@ -119,3 +119,35 @@ def test_other_stages_refuse_to_run_under_torchrun(tmp_path):
     out = subprocess.run([sys.executable, "-m", "flows.cli", "stage", "assemble", "--engine", "local",
                           "--set", f"paths.data={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "only train-interpreter runs data-parallel" in out.stderr
+
+
+def _sum_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    from dit_core.interpreter.data_parallel import DataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        both, one, none = (torch.nn.Parameter(torch.zeros(2, 3)) for _ in range(3))
+        both.grad = torch.full((2, 3), float(rank + 1))  # 1 + 2
+        if rank == 1:
+            one.grad = torch.arange(6.0).view(2, 3)  # only rank 1 has a gradient here
+        loss = DataParallel(rank, 2).sum_gradients([both, one, none], torch.tensor(0.25 * (rank + 1)))
+        from safetensors.torch import save_file
+
+        save_file({"both": both.grad, "one": one.grad, "none": torch.tensor(none.grad is None),
+                   "loss": loss.reshape(1)}, f"{out_dir}/rank{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradients_and_loss_are_summed_over_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sum_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = load_file(str(tmp_path / f"rank{rank}.safetensors"))
+        assert torch.equal(got["both"], torch.full((2, 3), 3.0))
+        assert torch.equal(got["one"], torch.arange(6.0).view(2, 3))  # zeros from rank 0 added
+        assert got["none"].item() is True  # no rank had a gradient: the optimizer skips it, as in one process
+        assert got["loss"].item() == pytest.approx(0.75)
