@@ -42,20 +42,38 @@ def _check_shards(rows: pl.DataFrame, root_of, problems: list[str]) -> dict:
     return {"shards": shards.height, "diffs_in_shards": n_diffs}
 
 
+def _rows(path: Path, schema, problems: list[str]) -> pl.DataFrame | None:
+    """A manifest's rows as stored (None if unreadable); a schema failure is listed as a problem."""
+    from dit_core.data.schemas import ManifestError, validate, with_optional_columns
+
+    try:
+        rows = pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        problems.append(f"{path}: cannot read parquet ({e}); rerun the stage that writes it")
+        return None
+    try:
+        validate(with_optional_columns(rows, schema), schema, str(path))
+    except ManifestError as e:
+        problems.append(str(e))
+    needed = {"shard", "shard_sha256"} | ({"store"} if "store" in schema.to_schema().columns else set())
+    return rows if needed <= set(rows.columns) else None  # the shards cannot be located without them
+
+
 def verify(path: str | Path) -> dict:
     """{'kind', 'checked', 'problems': [...]} for whatever PATH holds (see the module docstring)."""
     path = Path(path)
     problems: list[str] = []
     if path.is_dir() and (path / "manifest.parquet").is_file():
-        rows = pl.read_parquet(path / "manifest.parquet")
-        checked = _check_shards(rows, lambda r: path, problems)
-        dup = rows.filter(pl.col("diff_id").is_duplicated())["diff_id"].unique().to_list()
-        if dup:
-            problems.append(f"{path / 'manifest.parquet'}: duplicate diff ids {sorted(dup)[:5]}")
+        from dit_core.data.schemas import DiffManifest
+
+        rows = _rows(path / "manifest.parquet", DiffManifest, problems)
+        checked = _check_shards(rows, lambda r: path, problems) if rows is not None else {"shards": 0}
         return {"kind": "diff store", "checked": checked, "problems": problems}
     if path.is_dir() and (path / "dataset.parquet").is_file():
-        rows = pl.read_parquet(path / "dataset.parquet")
-        checked = _check_shards(rows, lambda r: Path(r["store"]), problems)
+        from dit_core.data.assemble import DitDataset
+
+        rows = _rows(path / "dataset.parquet", DitDataset, problems)
+        checked = _check_shards(rows, lambda r: Path(r["store"]), problems) if rows is not None else {"shards": 0}
         return {"kind": "dataset", "checked": checked, "problems": problems}
     if path.is_dir() and (path / "interpreter.json").is_file():
         from dit_core.interpreter.adapter import InterpreterFileError, read_interpreter

@@ -70,3 +70,24 @@ def test_verify_interpreter_folder(tmp_path):
     assert verify(d)["problems"] == []
     save_file({"w": torch.tensor([1.0, float("nan")])}, str(d / "interpreter.safetensors"))
     assert any("NaN" in p or "nan" in p.lower() for p in verify(d)["problems"])
+
+
+def test_verify_reports_a_malformed_manifest(toy, tmp_path):
+    """A manifest missing columns, one with duplicate ids, and one that is not parquet at all: each a
+    problem named by file (before, the first passed as an empty store and the last was a traceback)."""
+    import shutil
+
+    import polars as pl
+
+    cases = {}
+    for name in ("columns", "duplicates", "garbage"):
+        cases[name] = tmp_path / name
+        shutil.copytree(toy, cases[name])
+    m = pl.read_parquet(toy / "manifest.parquet")
+    m.drop("shard", "label").write_parquet(cases["columns"] / "manifest.parquet")
+    pl.concat([m, m.head(1)]).write_parquet(cases["duplicates"] / "manifest.parquet")
+    (cases["garbage"] / "manifest.parquet").write_bytes(b"PAR1 not a parquet file")
+    got = {name: verify(path)["problems"] for name, path in cases.items()}
+    assert len(got["columns"]) == 1 and "missing columns ['shard', 'label']" in got["columns"][0]
+    assert "manifest.parquet does not match schema" in got["duplicates"][0] and "diff_id" in got["duplicates"][0]
+    assert len(got["garbage"]) == 1 and "manifest.parquet: cannot read parquet" in got["garbage"][0]
