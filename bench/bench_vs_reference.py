@@ -8,7 +8,7 @@
 Diff generation: T diffs for --steps steps with the params.yaml recipe (--profile/--set laid over it),
 first by `train_diffs` (all T diffs per step), then by the reference (one diff after another, deep-copied
 teacher, fresh peft LoRA modules per diff, one padded batch per step) on exactly the rows `train_diffs`
-drew. Interpreter training: --interp-steps steps of batch --interp-batch, each sample carrying its own
+drew. Interpreter training: --interp-steps steps of batch --interp-batch, each sample with its own
 random diff, by the project's interpreter (factored diffs) and by the reference (each sample's diff
 merged into per-sample weights).
 
