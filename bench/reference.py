@@ -93,9 +93,9 @@ def diff_loss_parts(logits: torch.Tensor, teacher_logits: torch.Tensor | None, e
     sums = {k: logits.new_zeros((), dtype=torch.float32) for k in PARTS}
     norms = {k: 0.0 for k in PARTS}
     for i, ex in enumerate(examples):
-        w = answer_weights(ex, s, first_token_weight).to(logits.device)
+        w = answer_weights(ex, s, first_token_weight)  # on the host: its sum needs no device read
         groups = ("ce",) if is_ce(ex.kind) else ("kl", f"kl_{ex.kind}")
-        val = (w * (tok_ce[i] if is_ce(ex.kind) else tok_kl[i])).sum()
+        val = (w.to(logits.device) * (tok_ce[i] if is_ce(ex.kind) else tok_kl[i])).sum()
         for k in groups:
             sums[k] = sums[k] + val
             norms[k] += float(w.sum())
