@@ -84,9 +84,10 @@ def end_status(e: BaseException) -> str:
 
 def error_tag(e: BaseException) -> str:
     """What ended the run, with the stop's reason (e.g. 'SIGTERM received') when a stop ended it."""
-    from dit_core.stop import is_stop, stop_requested
+    from dit_core.stop import note_stop
 
-    reason = f" ({stop_requested()})" if is_stop(e) and stop_requested() else ""
+    stop = note_stop(e)  # also sets the stop flag for a Prefect TerminationSignal, so task threads stop
+    reason = f" ({stop})" if stop else ""
     return f"{type(e).__name__}: {e}{reason}"[:4000]
 
 
