@@ -96,9 +96,9 @@ class DiffManifest(_Strict):
     fact_acc: float = pa.Field(ge=0, le=1, nullable=True)  # news: held-out fact questions answered, with the diff
     base_fact_acc: float = pa.Field(ge=0, le=1, nullable=True)  # ... and by the base model
     facts: str = pa.Field(nullable=True)  # JSON {slot: key} of what the label states (per-slot scoring)
-    shard_sha256: str = pa.Field(str_matches=r"^[0-9a-f]{64}$")
     # diffs.mode=full: share of the dense delta's Frobenius norm the stored (SVD-reduced) factors keep
     kept_share: float = pa.Field(ge=0, le=1, nullable=True)
+    shard_sha256: str = pa.Field(str_matches=r"^[0-9a-f]{64}$")
     split: str = pa.Field(isin=SPLITS)
 
 

@@ -191,11 +191,11 @@ class TrainResult:
     A: dict[str, torch.Tensor]
     B: dict[str, torch.Tensor]
     final: dict[str, list[float]]
-
     # Full finetunes: the dense deltas W: (T, in, out) = delta_W^T before reduction (A and B empty), and
     # after reduction (dit_core.diffs.full) the share of each diff's Frobenius norm its factors keep.
     dense: dict[str, torch.Tensor] | None = None
     kept_share: list[float] | None = None
+
 
 def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: int,
                 progress: bool = True, on_step=None, dense: bool = False) -> TrainResult:
@@ -204,9 +204,9 @@ def train_diffs(dm: DiffModel, tasks: list[DiffTask], cfg: DiffsConfig, pad_id: 
     Each diff's init and triggered rows depend only on its own seed; its KL rows too, unless the batch
     shares them (`diffs.share_kl_rows`). `on_step(step, A, B)`, if given, runs after every optimizer
     step (e.g. a behaviour check during a recipe trial); it may install other diffs.
-    """
     `dense`: train a dense delta per wrapped module (a full finetune; zero at init, Adam at
     diffs.full_lr) instead of LoRA factors; the result's `dense` holds them.
+    """
     device = next(dm.model.parameters()).device
     lr = cfg.full_lr if dense else cfg.lr
     if dense:
