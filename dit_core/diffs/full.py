@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dit_core.diffs.store import DiffFileError, DiffShard, write_shard
+from dit_core.diffs.store import DiffFileError, DiffShard, check_shard, write_shard
 from dit_core.io import write_json_atomic
 
 INDEX = "model.safetensors.index.json"
@@ -275,7 +275,7 @@ def import_full(model_dir: str | Path, dm, lm, rank: int, method: str = "auto", 
     report = {"source": str(model_dir.resolve()), "base_model": lm.name, "base_sha256": lm.sha256, "rank": rank,
               "overall_kept_share": overall, "modules": modules, "unrepresented": others,
               "files": sorted({p.name for p in files.values()})}
-    shard = DiffShard(A, B, lm.name, lm.sha256, rank, 1.0, [model_dir.name])
+    shard = check_shard(model_dir, DiffShard(A, B, lm.name, lm.sha256, rank, 1.0, [model_dir.name]))
     return shard, report
 
 

@@ -44,6 +44,38 @@ def store_file(root: str | Path, name: str) -> Path:
     return path
 
 
+# Largest Frobenius norm of one module's weight change a diff may have. Base weights are O(10-100)
+# (SmolLM2-135M: 16-206); a change 10^5 large swamps the model, and factors near float32's range make
+# the forward overflow to Inf, which decoding turns into an empty answer instead of an error.
+MAX_DELTA_NORM = 1e5
+
+
+def check_delta_norm(source, name: str, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+    """Refuse a module whose weight change scale * (B @ A), for any diff (row), is not finite or larger than
+    MAX_DELTA_NORM. A: (T, r, out), B: (T, in, r); computed in float64 through r x r Gram matrices
+    (||B A||_F^2 = sum((B^T B) * (A A^T))), so the dense change is never formed."""
+    a, b = A.detach().double(), B.detach().double()
+    sq = ((b.transpose(1, 2) @ b) * (a @ a.transpose(1, 2))).sum((1, 2)).clamp_min(0)
+    norms = sq.sqrt() * abs(float(scale))
+    bad = ~torch.isfinite(norms) | (norms > MAX_DELTA_NORM)
+    if bad.any():
+        t = int(bad.nonzero()[0, 0])
+        raise DiffFileError(f"{source}: {name} (diff {t}) changes the weights by a Frobenius norm of "
+                            f"{float(norms[t]):.3g}, above the {MAX_DELTA_NORM:.0e} a diff may have (base weights "
+                            "are 10-100): its factors are corrupt or wrongly scaled (check lora_alpha and the "
+                            "factors' units)")
+
+
+def check_shard(source, shard: "DiffShard") -> "DiffShard":
+    """NaN/Inf and size checks of every module of a shard built in memory (an imported adapter or finetune)."""
+    for name in shard.modules:
+        a, b = shard.A[name], shard.B[name]
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise DiffFileError(f"{source}: {name} contains NaN or Inf")
+        check_delta_norm(source, name, a, b, shard.scale)
+    return shard
+
+
 @dataclass
 class DiffShard:
     """Stacked factors of T diffs and the metadata they were stored with."""
@@ -153,6 +185,7 @@ def read_shard(path: str | Path, expected: dict[str, tuple[int, int]] | None = N
             raise DiffFileError(f"{path}: {name} has dtype {a.dtype}; expected a float type")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise DiffFileError(f"{path}: {name} contains NaN or Inf; the diff is broken, regenerate it")
+        check_delta_norm(path, name, a, b, scale)
         A[name], B[name] = a.float(), b.float()
     return DiffShard(A, B, meta["base_model"], meta["base_sha256"], rank, scale, diff_ids)
 

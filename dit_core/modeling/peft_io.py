@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dit_core.diffs.bank import pad_rank
-from dit_core.diffs.store import DiffFileError, DiffShard
+from dit_core.diffs.store import DiffFileError, DiffShard, check_shard
 from dit_core.io import atomic_dir
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
@@ -188,7 +188,7 @@ def import_peft(adapter_dir: str | Path, shapes: dict[str, tuple[int, int]], bas
         a = lb.T if uniform else lb.T * scales[name]
         a, b = pad_rank(a.unsqueeze(0), la.T.unsqueeze(0), rank)
         A[name], B[name] = a.contiguous(), b.contiguous()
-    return DiffShard(A, B, base_model, base_sha256, rank, scale, [adapter_dir.name])
+    return check_shard(adapter_dir, DiffShard(A, B, base_model, base_sha256, rank, scale, [adapter_dir.name]))
 
 
 def export_peft(shard: DiffShard, row: int, out_dir: str | Path, base_model_path: str) -> Path:
