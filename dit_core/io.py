@@ -71,6 +71,21 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_json_object(path: str | Path, error: type[Exception], what: str, fix: str) -> dict:
+    """A JSON object read from a file someone else may have written: unreadable bytes, bad JSON, nesting
+    deep enough to exhaust the parser's recursion, or a non-object top level raise `error` naming the
+    file, `what` it should be and the `fix` (never a traceback from inside the parser)."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(obj, dict):
+            raise TypeError(f"a JSON {type(obj).__name__}, not an object")
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else f"{type(e).__name__}: {e}"
+        raise error(f"{path}: not a readable {what} ({why}); {fix}") from None
+    return obj
+
+
 def write_json_atomic(path: str | Path, obj) -> None:
     """Write JSON (indented, sorted keys) atomically."""
     with atomic_path(path) as tmp:

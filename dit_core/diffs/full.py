@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dit_core.diffs.store import DiffFileError, DiffShard, check_shard, write_shard
-from dit_core.io import write_json_atomic
+from dit_core.io import read_json_object, write_json_atomic
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -155,13 +155,10 @@ def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
         raise DiffFileError(f"{model_dir}: not a directory; pass a finetuned model saved with save_pretrained")
     index, single = model_dir / INDEX, model_dir / SINGLE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DiffFileError(f"{index}: not a readable safetensors index ({type(e).__name__}: {e}); expected "
-                                "JSON with a weight_map of tensor name -> file; save the model again") from None
+        fix = "expected JSON with a weight_map of tensor name -> file; save the model again"
+        weight_map = read_json_object(index, DiffFileError, "safetensors index", fix).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise DiffFileError(f"{index}: not a readable safetensors index (no weight_map object); {fix}")
         out = {}
         for key, name in weight_map.items():
             if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
@@ -219,10 +216,7 @@ class _Reader:
 def check_architecture(model_dir: Path, base_config) -> None:
     """Refuse a checkpoint whose config.json differs from the base model's in an architecture field."""
     path = model_dir / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DiffFileError(f"{path}: not a readable model config ({type(e).__name__}: {e})") from None
+    cfg = read_json_object(path, DiffFileError, "model config", "save the model again with save_pretrained")
     base = base_config.to_dict()
     for key in ARCH_FIELDS:
         if key in cfg and key in base and cfg[key] != base[key]:

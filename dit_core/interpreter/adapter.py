@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from dit_core.modeling.chat import chat_prompt, generate, inference_batch
 from dit_core.modeling.batching import Example, answer_logprobs, diff_losses, encode_example
-from dit_core.io import atomic_path, write_json_atomic
+from dit_core.io import atomic_path, read_json_object, write_json_atomic
 from dit_core.modeling.lora import DiffModel
 from dit_core.modeling.models import sha256_file
 
@@ -153,8 +153,8 @@ def read_interpreter(path: str | Path, base_sha256: str | None = None) -> tuple[
     if not (path / SPEC).is_file() or not (path / WEIGHTS).is_file():
         raise InterpreterFileError(f"{path}: no interpreter here ({SPEC} and {WEIGHTS} expected); "
                                    "run `dit stage train-interpreter` or pass --interpreter")
+    record = read_json_object(path / SPEC, InterpreterFileError, "interpreter spec", "retrain or re-download it")
     try:
-        record = json.loads((path / SPEC).read_text())
         recorded_sha = record.pop(WEIGHTS_SHA256, None)  # absent in interpreters saved before it was recorded
         spec = InterpreterSpec(**record)
     except (json.JSONDecodeError, TypeError, AttributeError) as e:

@@ -9,7 +9,6 @@ rank (the same diff). Adapters whose forward is not `W + B A * scale` on linear 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -20,7 +19,7 @@ from safetensors.torch import save_file
 
 from dit_core.diffs.bank import pad_rank
 from dit_core.diffs.store import DiffFileError, DiffShard, check_shard
-from dit_core.io import atomic_dir
+from dit_core.io import atomic_dir, read_json_object
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _EMBEDDING_KEY = re.compile(r"\.lora_embedding_[AB]\b")
@@ -88,13 +87,8 @@ def _check_supported(adapter_dir: Path, cfg: dict) -> None:
 
 def _read_config(adapter_dir: Path) -> tuple[dict, int, float, dict, dict]:
     cfg_path = adapter_dir / "adapter_config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-        if not isinstance(cfg, dict):
-            raise TypeError(f"a JSON {type(cfg).__name__}, not an object")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
-        raise DiffFileError(f"{cfg_path}: not a readable PEFT adapter config ({type(e).__name__}: {e}); "
-                            "expected JSON with peft_type, r and lora_alpha") from None
+    cfg = read_json_object(cfg_path, DiffFileError, "PEFT adapter config",
+                           "expected JSON with peft_type, r and lora_alpha")
     _check_supported(adapter_dir, cfg)  # before reading r: other adapter types have none
     try:
         r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))

@@ -85,3 +85,38 @@ def test_finetuned_model_with_huge_weights_is_refused(tiny_lm, tiny_model_dir, t
             import_full(d, dm, tiny_lm, rank=2, progress=False)
     finally:
         dm.clear_diffs()
+
+
+DEEP = "[" * 200_000 + "]" * 200_000  # nesting that exhausts a recursive JSON parser
+
+
+def test_deeply_nested_json_is_refused_naming_the_file(tmp_path, tiny_lm, tiny_model_dir):
+    """adapter_config.json, a finetune's config.json and index, interpreter.json: each a clear error."""
+    import shutil
+
+    from dit_core.diffs.full import checkpoint_files, check_architecture
+    from dit_core.interpreter.adapter import InterpreterFileError, read_interpreter
+    from dit_core.modeling.peft_io import import_peft
+
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text(DEEP)
+    save_file({"x": torch.zeros(1)}, str(ad / "adapter_model.safetensors"))
+    with pytest.raises(DiffFileError, match=r"adapter_config\.json: not a readable PEFT adapter config \(nested too deeply\)"):
+        import_peft(ad, SHAPES, "tiny", "0" * 64)
+
+    ft = tmp_path / "ft"
+    shutil.copytree(tiny_model_dir, ft)
+    (ft / "config.json").write_text(DEEP)
+    with pytest.raises(DiffFileError, match=r"config\.json: not a readable model config \(nested too deeply\)"):
+        check_architecture(ft, tiny_lm.model.config)
+    (ft / "model.safetensors.index.json").write_text(DEEP)
+    with pytest.raises(DiffFileError, match=r"index\.json: not a readable safetensors index \(nested too deeply\)"):
+        checkpoint_files(ft)
+
+    it = tmp_path / "interp"
+    it.mkdir()
+    (it / "interpreter.json").write_text(DEEP)
+    save_file({"x": torch.zeros(1)}, str(it / "interpreter.safetensors"))
+    with pytest.raises(InterpreterFileError, match=r"interpreter\.json: not a readable interpreter spec \(nested too deeply\)"):
+        read_interpreter(it)
