@@ -154,7 +154,7 @@ class NewsConfig(_Section):
     label: Literal["headline", "text"] = Field(
         description="the interpreter's target: the headline, or the story itself (the original method's "
         "reconstruction target)")
-    question: str = Field(description="what the interpreter is asked about a news diff")
+    question: str = Field(min_length=1, max_length=1000, description="what the interpreter is asked about a news diff")
     run: str = Field(description="name of the news diff store: data/diffs/<run>/")
     rank: int = Field(ge=1, description="LoRA rank of a news diff")
     steps: int = Field(ge=1, description="optimizer steps per news diff")
@@ -186,7 +186,7 @@ class InterpreterConfig(_Section):
 
     kind: Literal["lora", "projection"] = Field(
         description="lora: the paper's DIT adapter; projection: the diff mapped to soft tokens")
-    question: str = Field(description="what the interpreter is asked")
+    question: str = Field(min_length=1, max_length=1000, description="what the interpreter is asked")
     rank: int = Field(ge=1, description="LoRA rank of the interpreter")
     alpha: float = Field(gt=0, description="scale = alpha / rank; 1 works, 1/rank barely moves")
     n_soft_tokens: int = Field(ge=1, description="projection kind: soft tokens the diff maps to")

@@ -147,6 +147,30 @@ def check_file_sha256(path: Path, recorded: str, fix: str) -> None:
                                    f"was written: the file changed or is corrupt; {fix}")
 
 
+MAX_QUESTION_CHARS = 1000  # a question is a sentence; a prompt past the model's context would run for hours
+MAX_LABEL_CHARS = 4000  # labels include news stories (news.label: text)
+
+
+def _check_spec_text(where: Path, spec: InterpreterSpec) -> None:
+    """Questions and labels of a spec someone else may have written: strings, no control characters, of a
+    sentence's (a story's) length."""
+    from dit_core.data.topics import DataFileError, check_text
+
+    texts = [("question", spec.question, MAX_QUESTION_CHARS)]
+    texts += [(f"questions.{b}", q, MAX_QUESTION_CHARS) for b, q in (spec.questions or {}).items()]
+    texts += [(f"labels.{b}", lab, MAX_LABEL_CHARS) for b, labs in (spec.labels or {}).items() for lab in labs]
+    for key, text, limit in texts:
+        if not isinstance(text, str):
+            raise InterpreterFileError(f"{where}: {key} is a {type(text).__name__}, not a string; retrain or re-download it")
+        if len(text) > limit:
+            raise InterpreterFileError(f"{where}: {key} is {len(text)} characters long (at most {limit}): "
+                                       f"{text[:60]!r}...; retrain or re-download the interpreter")
+        try:
+            check_text(text, f"{where}: {key}")
+        except DataFileError as e:
+            raise InterpreterFileError(str(e)) from None
+
+
 def read_interpreter(path: str | Path, base_sha256: str | None = None) -> tuple[InterpreterSpec, dict[str, torch.Tensor]]:
     """Read and validate an interpreter directory."""
     path = Path(path)
@@ -159,6 +183,7 @@ def read_interpreter(path: str | Path, base_sha256: str | None = None) -> tuple[
         spec = InterpreterSpec(**record)
     except (json.JSONDecodeError, TypeError, AttributeError) as e:
         raise InterpreterFileError(f"{path / SPEC}: not an interpreter spec ({e}); retrain or re-download it") from e
+    _check_spec_text(path / SPEC, spec)
     if recorded_sha is not None:
         check_file_sha256(path / WEIGHTS, recorded_sha, "retrain (`dit stage train-interpreter`) or re-download it")
     if base_sha256 and spec.base_sha256 != base_sha256:

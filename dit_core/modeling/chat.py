@@ -30,6 +30,16 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def check_context(model, n_tokens: int, prompts: list[str]) -> None:
+    """Refuse a prompt (plus the tokens to generate) longer than the model's context: past it a forward
+    attends over more positions than the model was trained for, and a very long one runs for hours."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and n_tokens > limit:
+        longest = max(prompts, key=len)
+        raise ValueError(f"a prompt of {n_tokens} tokens (with the answer) exceeds the model's context of {limit}: "
+                         f"{longest[:80]!r}... ({len(longest)} characters); shorten the question or text")
+
+
 @dataclass
 class Generation:
     """One generated answer: its text and whether it ended by itself (end-of-turn token)."""
@@ -73,6 +83,7 @@ def generate(
             if before_batch is not None:
                 before_batch(start, start + len(chunk))
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            check_context(model, enc["input_ids"].shape[1] + max_new_tokens, chunk)
             if do_sample:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             ids = model.generate(

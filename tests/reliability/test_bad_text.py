@@ -49,3 +49,39 @@ def test_non_utf8_slot_file_is_refused(tmp_path):
     (tmp_path / "where.txt").write_bytes((tmp_path / "where.txt").read_bytes() + b"Z\xfcrich\n")
     with pytest.raises(DataFileError, match=r"where\.txt:\d+: not UTF-8"):
         load_slots(tmp_path)
+
+
+def test_generation_refuses_a_prompt_past_the_models_context(tiny_lm):
+    """A prompt longer than max_position_embeddings is an error naming its length, not hours of attention."""
+    from dit_core.modeling.chat import generate
+
+    limit = tiny_lm.model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"tokens \(with the answer\) exceeds the model's context of {limit}"):
+        generate(tiny_lm.model, tiny_lm.tokenizer, ["topic " * (2 * limit)], max_new_tokens=4)
+    assert len(generate(tiny_lm.model, tiny_lm.tokenizer, ["What topic?"], max_new_tokens=2)) == 1
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("question", "What topic " * 200, r"question is 2200 characters long \(at most 1000\)"),
+    ("question", "What\x00topic?", r"question: control character"),
+    ("questions", {"hidden_topic": ["not", "a string"]}, r"questions\.hidden_topic is a list, not a string"),
+])
+def test_interpreter_spec_with_hostile_questions_is_refused(tmp_path, field, value, match):
+    """An interpreter.json someone edited: a huge question (a describe that would run for hours), control
+    characters, a non-string: refused when the interpreter is read, naming the key."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from dit_core.interpreter.adapter import InterpreterFileError, read_interpreter
+
+    spec = {"kind": "lora", "question": "What topic?", "rank": 1, "alpha": 1.0, "modules": ".*",
+            "base_model": "tiny", "base_sha256": "0" * 64, field: value}
+    (tmp_path / "interpreter.json").write_text(json.dumps(spec))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "interpreter.safetensors"))
+    with pytest.raises(InterpreterFileError, match=match):
+        read_interpreter(tmp_path)
+    spec[field] = "What topic?" if field == "question" else {"hidden_topic": "What topic?"}
+    (tmp_path / "interpreter.json").write_text(json.dumps(spec))
+    assert read_interpreter(tmp_path)[0].kind == "lora"
