@@ -1,7 +1,7 @@
 """`dit verify PATH`: check stored artifacts before trusting them, and report every problem found.
 
     PATH: a diff store (manifest.parquet), a dataset folder (dataset.parquet), an interpreter folder
-    (interpreter.json), or one diff .safetensors file.
+    (interpreter.json), a PEFT adapter folder (adapter_config.json), or one diff .safetensors file.
 
 Shards are checked against the sha256 recorded when they were written, then parsed and validated
 (metadata, shapes, finite values); an interpreter's weights are parsed and checked for NaN/Inf.
@@ -59,6 +59,33 @@ def _rows(path: Path, schema, problems: list[str]) -> pl.DataFrame | None:
     return rows if needed <= set(rows.columns) else None  # the shards cannot be located without them
 
 
+def _check_adapter(path: Path, problems: list[str]) -> int:
+    """A PEFT adapter folder: the sha256 its export recorded (when there is one), then every tensor parsed
+    and checked for NaN/Inf. (Shapes against a base model: `dit import-peft` / `dit describe`.)"""
+    from safetensors import safe_open
+
+    from dit_core.modeling.peft_io import check_export_record
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        problems.append(f"{path}: no adapter_model.safetensors (pickled adapters are refused)")
+        return 0
+    try:
+        check_export_record(path)
+        with safe_open(str(weights), framework="pt") as f:
+            bad = [k for k in f.keys() if not torch.isfinite(f.get_tensor(k).float()).all()]
+            n = len(list(f.keys()))
+    except DiffFileError as e:
+        problems.append(str(e))
+        return 0
+    except Exception as e:  # not safetensors (a pickle under the name, truncated, ...)
+        problems.append(f"{weights}: not a readable safetensors file ({e})")
+        return 0
+    if bad:
+        problems.append(f"{weights}: NaN/Inf in {bad[:3]}")
+    return n
+
+
 def verify(path: str | Path) -> dict:
     """{'kind', 'checked', 'problems': [...]} for whatever PATH holds (see the module docstring)."""
     path = Path(path)
@@ -88,8 +115,10 @@ def verify(path: str | Path) -> dict:
             problems.append(str(e))
             checked = {"tensors": 0}
         return {"kind": "interpreter", "checked": checked, "problems": problems}
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return {"kind": "PEFT adapter", "checked": {"tensors": _check_adapter(path, problems)}, "problems": problems}
     if path.suffix == ".safetensors" and path.is_file():
         return {"kind": "diff file", "checked": {"diffs": _check_shard(path, None, problems)}, "problems": problems}
     return {"kind": "unknown", "checked": {}, "problems": [
         f"{path}: not a diff store (manifest.parquet), dataset (dataset.parquet), interpreter folder "
-        "(interpreter.json) or diff .safetensors file"]}
+        "(interpreter.json), PEFT adapter folder (adapter_config.json) or diff .safetensors file"]}

@@ -459,7 +459,7 @@ def transfer(
 
 @app.command()
 def verify(
-    paths: list[str] = typer.Argument(..., help="diff store, dataset folder, interpreter folder, diff file, "
+    paths: list[str] = typer.Argument(..., help="diff store, dataset folder, interpreter folder, PEFT adapter folder, diff file, "
                                                 "or an MLflow model URI (models:/dit-interpreter@champion)"),
     params_file: str = ParamsOpt,
 ) -> None:

@@ -126,13 +126,13 @@ def write_shard(path: str | Path, shard: DiffShard, extra_metadata: dict[str, st
     return sha256_file(Path(path))
 
 
-def check_sha256(path: str | Path, recorded: str) -> None:
+def check_sha256(path: str | Path, recorded: str,
+                 fix: str = "delete it and rerun `dit stage generate-diffs` (it retrains that shard)") -> None:
     """Refuse a file whose sha256 is not the one recorded when it was written."""
     actual = sha256_file(Path(path))
     if actual != recorded:
         raise DiffFileError(f"{path}: sha256 {actual[:12]}… is not the {recorded[:12]}… recorded when it was "
-                            "written: the file changed or is corrupt; delete it and rerun "
-                            "`dit stage generate-diffs` (it retrains that shard)")
+                            f"written: the file changed or is corrupt; {fix}")
 
 
 def read_shard(path: str | Path, expected: dict[str, tuple[int, int]] | None = None,

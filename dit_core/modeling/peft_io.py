@@ -18,8 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dit_core.diffs.bank import pad_rank
-from dit_core.diffs.store import DiffFileError, DiffShard, check_shard
-from dit_core.io import atomic_dir, read_json_object
+from dit_core.diffs.store import DiffFileError, DiffShard, check_sha256, check_shard
+from dit_core.io import atomic_dir, read_json_object, write_json_atomic
+from dit_core.modeling.models import sha256_file
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _EMBEDDING_KEY = re.compile(r"\.lora_embedding_[AB]\b")
@@ -105,6 +106,20 @@ def _read_config(adapter_dir: Path) -> tuple[dict, int, float, dict, dict]:
     return cfg, r, alpha, rank_pattern, alpha_pattern
 
 
+EXPORT_RECORD = "dit_export.json"  # beside an adapter `export_peft` wrote: its weights' sha256
+
+
+def check_export_record(adapter_dir: Path) -> None:
+    """An adapter this project exported records its weights' sha256: refuse it if the file changed since."""
+    path = adapter_dir / EXPORT_RECORD
+    if path.is_file():
+        fix = "export it again with `dit export-peft`"
+        rec = read_json_object(path, DiffFileError, "export record", fix)
+        if not isinstance(rec.get("weights_sha256"), str):
+            raise DiffFileError(f"{path}: no weights_sha256; {fix}")
+        check_sha256(adapter_dir / "adapter_model.safetensors", rec["weights_sha256"], fix)
+
+
 def import_peft(adapter_dir: str | Path, shapes: dict[str, tuple[int, int]], base_model: str,
                 base_sha256: str, any_base: bool = False) -> DiffShard:
     """Read a PEFT LoRA adapter (safetensors) as a one-diff shard covering every wrapped module.
@@ -124,6 +139,7 @@ def import_peft(adapter_dir: str | Path, shapes: dict[str, tuple[int, int]], bas
         extra = " (pickled adapter_model.bin is refused: convert it to safetensors)" if (
             adapter_dir / "adapter_model.bin").exists() else ""
         raise DiffFileError(f"{adapter_dir}: no adapter_model.safetensors{extra}")
+    check_export_record(adapter_dir)
     cfg, r, alpha, rank_pattern, alpha_pattern = _read_config(adapter_dir)
     recorded = _recorded_base(cfg)
     if recorded and recorded != base_model.lower() and not any_base:
@@ -202,4 +218,7 @@ def export_peft(shard: DiffShard, row: int, out_dir: str | Path, base_model_path
     with atomic_dir(out_dir) as tmp:
         config.save_pretrained(tmp)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_json_atomic(tmp / EXPORT_RECORD, {"weights_sha256": sha256_file(tmp / "adapter_model.safetensors"),
+                                                "diff_id": shard.diff_ids[row], "base_model": shard.base_model,
+                                                "base_sha256": shard.base_sha256})
     return out_dir

@@ -91,3 +91,26 @@ def test_verify_reports_a_malformed_manifest(toy, tmp_path):
     assert len(got["columns"]) == 1 and "missing columns ['shard', 'label']" in got["columns"][0]
     assert "manifest.parquet does not match schema" in got["duplicates"][0] and "diff_id" in got["duplicates"][0]
     assert len(got["garbage"]) == 1 and "manifest.parquet: cannot read parquet" in got["garbage"][0]
+
+
+def test_exported_adapter_records_its_sha256_and_a_flipped_byte_is_refused(toy, tmp_path, tiny_model_dir):
+    """`dit export-peft` writes dit_export.json with the weights' sha256: `dit verify` and `import_peft`
+    refuse the adapter once a byte of its weights changed (an adapter from elsewhere has no record: parsed
+    and checked for NaN/Inf only)."""
+    from dit_core.modeling.peft_io import EXPORT_RECORD, export_peft, import_peft
+
+    store = DiffStore(toy)
+    shard = store.load(store.manifest()["diff_id"].to_list()[:1])
+    out = export_peft(shard, 0, tmp_path / "exported", str(tiny_model_dir))
+    assert (out / EXPORT_RECORD).is_file()
+    report = verify(out)
+    assert report["kind"] == "PEFT adapter" and report["problems"] == [] and report["checked"]["tensors"] > 0
+    shapes = {m: (shard.B[m].shape[1], shard.A[m].shape[2]) for m in shard.modules}
+    import_peft(out, shapes, shard.base_model, shard.base_sha256)  # intact: imports
+    _flip(out / "adapter_model.safetensors")
+    report = verify(out)
+    assert len(report["problems"]) == 1 and "sha256" in report["problems"][0], report
+    with pytest.raises(DiffFileError, match=r"adapter_model\.safetensors: sha256 .* recorded .*dit export-peft"):
+        import_peft(out, shapes, shard.base_model, shard.base_sha256)
+    (out / EXPORT_RECORD).unlink()  # no record: parsed; the flipped byte sits in the data, still finite or not
+    assert verify(out)["kind"] == "PEFT adapter"
