@@ -177,36 +177,35 @@ def interpreter_lr(cfg, step: int, total: int) -> float:
     return cfg.lr * warmup_cosine(step, total, cfg.warmup_steps, floor=0.05, cosine=cfg.schedule == "cosine")
 
 
-def project_interpreter_steps(dm: DiffModel, interp, opt, batches, cfg, pad_id: int, step_opt: bool = True
-                              ) -> list[torch.Tensor]:
-    """The interpreter trainer's step (`InterpreterRecipe.train`, one micro-batch per step) on each batch."""
+def _interpreter_steps(loss_fn, opt, batches, cfg, step_opt: bool, after=None) -> list[torch.Tensor]:
+    """The interpreter trainer's step (`InterpreterRecipe.train`, one micro-batch per step) on each batch,
+    with `loss_fn(A, B, scale, ex)` the path's loss; `after()` runs after each step."""
     losses = []
     for step, (A, B, scale, ex) in enumerate(batches):
         for g in opt.param_groups:
             g["lr"] = interpreter_lr(cfg, step, len(batches))
         opt.zero_grad(set_to_none=True)
-        loss = interp.loss_with_grad(A, B, scale, ex, pad_id)
+        loss = loss_fn(A, B, scale, ex)
         loss.backward()
         if step_opt:
             opt.step()
-        dm.clear_diffs()
+        if after is not None:
+            after()
         losses.append(loss.detach())
     return losses
+
+
+def project_interpreter_steps(dm: DiffModel, interp, opt, batches, cfg, pad_id: int, step_opt: bool = True
+                              ) -> list[torch.Tensor]:
+    """The project's interpreter steps (diffs applied per row, cleared after each step)."""
+    return _interpreter_steps(lambda A, B, scale, ex: interp.loss_with_grad(A, B, scale, ex, pad_id), opt, batches,
+                              cfg, step_opt, after=dm.clear_diffs)
 
 
 def reference_interpreter_steps(ref: ReferenceInterpreter, opt, batches, cfg, pad_id: int, step_opt: bool = True
                                 ) -> list[torch.Tensor]:
-    losses = []
-    for step, (A, B, scale, ex) in enumerate(batches):
-        for g in opt.param_groups:
-            g["lr"] = interpreter_lr(cfg, step, len(batches))
-        opt.zero_grad(set_to_none=True)
-        loss = ref.loss(A, B, scale, ex, pad_id)
-        loss.backward()
-        if step_opt:
-            opt.step()
-        losses.append(loss.detach())
-    return losses
+    """The reference's interpreter steps (each sample's diff merged into its weights)."""
+    return _interpreter_steps(lambda A, B, scale, ex: ref.loss(A, B, scale, ex, pad_id), opt, batches, cfg, step_opt)
 
 
 def detach_adapter(dm: DiffModel) -> None:

@@ -22,13 +22,18 @@ def _cli(args, cwd, env, timeout=300):
     return res.stdout
 
 
-@pytest.mark.timeout(900)
-def test_deploy_and_run_through_process_worker(tiny_model_dir, tmp_path, prefect_server, mlflow_uri):
-    proj = tmp_path / "proj"
+def copy_project(proj: Path) -> Path:
+    """A project folder as a deployment sees it: the flows and tasks packages and prefect.yaml."""
     proj.mkdir()
     for name in ("flows", "tasks"):
         shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "prefect.yaml", proj)
+    return proj
+
+
+@pytest.mark.timeout(900)
+def test_deploy_and_run_through_process_worker(tiny_model_dir, tmp_path, prefect_server, mlflow_uri):
+    proj = copy_project(tmp_path / "proj")
     params = load_params(PARAMS, pipeline_overrides(tiny_model_dir, proj))
     (proj / "params.yaml").write_text(params_file_text(params))
     env = {**os.environ, "DIT_PROJECT_DIR": str(proj), "PYTHONPATH": str(proj)}

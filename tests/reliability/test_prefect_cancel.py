@@ -4,7 +4,6 @@ Cancelled, the flow run's process exits within seconds, the finished shard is ke
 the open MLflow runs end as KILLED."""
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import mlflow
 import polars as pl
 import pytest
 
-from conftest import PARAMS, ROOT, tiny_overrides
+from conftest import PARAMS, tiny_overrides
 from dit_core.config import load_params, params_file_text
 
 POOL = "reliability-cancel"
@@ -40,11 +39,9 @@ def test_cancel_through_process_worker_mid_diff_generation(tiny_model_dir, tmp_p
 
     from dit_core.diffs.store import DiffStore
 
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    for name in ("flows", "tasks"):
-        shutil.copytree(ROOT / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "prefect.yaml", proj)
+    from test_deployment import copy_project
+
+    proj = copy_project(tmp_path / "proj")
     # 6 shards of one diff: the cancel comes once shard 0 is done, and lands in one of the later shards
     sets = tiny_overrides(tiny_model_dir, proj / "data") + ["diffs.diffs_per_batch=1", "diffs.steps=40"]
     params = load_params(PARAMS, sets)
