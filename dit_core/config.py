@@ -112,15 +112,25 @@ class DiffsConfig(_Section):
     budget_s: float | None = Field(
         gt=0, description="wall-clock budget of diff generation in seconds: a shard starts only while the "
         "last shard's time still fits; finished shards are kept. null: no budget")
-    mode: Literal["lora", "full"] = Field(
+    mode: Literal["lora", "full", "peft"] = Field(
         description="lora: each diff trains LoRA factors of rank `rank`; full: a dense delta of every module "
-        "`modules` selects (a full finetune), stored reduced by truncated SVD to `full_rank` (scale 1)")
+        "`modules` selects (a full finetune), stored reduced by truncated SVD to `full_rank` (scale 1); peft: "
+        "each diff is a PEFT LoRA adapter trained with `peft` itself, one at a time, by supervised finetuning "
+        "(peft_* settings), saved and imported as a user's adapter is")
     full_rank: int = Field(ge=1, description="rank a full finetune is reduced to when stored (diffs.mode=full "
                            "and `dit import-full`)")
     full_lr: float = Field(gt=0, description="Adam learning rate of the dense deltas in diffs.mode=full")
     full_diffs_at_once: int = Field(
         ge=1, description="diffs.mode=full: dense deltas trained together (a shard's diffs in groups of this "
         "many); each costs about 4x the wrapped weights in memory (delta, gradient, two Adam moments)")
+    peft_rank: int = Field(ge=1, description="diffs.mode=peft: the adapters' LoraConfig r")
+    peft_alpha: float = Field(gt=0, description="diffs.mode=peft: LoraConfig lora_alpha (scale alpha / r)")
+    peft_rslora: bool = Field(description="diffs.mode=peft: LoraConfig use_rslora (scale alpha / sqrt(r))")
+    peft_target_modules: str | list[str] | None = Field(
+        description="diffs.mode=peft: LoraConfig target_modules (module names, or a regex over full names); "
+        "null: peft's default for the architecture (q_proj and v_proj on Llama and Qwen). Must lie within "
+        "`modules`")
+    peft_lr: float = Field(gt=0, description="diffs.mode=peft: AdamW learning rate of the adapters")
 
     @property
     def scale(self) -> float:

@@ -13,6 +13,7 @@ import polars as pl
 from dit_core.behaviors import behavior_of
 from dit_core.config import Params
 from dit_core.diffs.full import train_full_diffs
+from dit_core.diffs.peft_made import peft_scale, train_peft_diffs
 from dit_core.diffs.store import DiffShard, DiffStore
 from dit_core.diffs.trainer import train_diffs
 from dit_core.io import compare_record, write_json_atomic
@@ -30,19 +31,24 @@ def _run_identity(p: Params, lm: LoadedModel, behavior_dir: Path) -> dict:
     cfg = behavior_of(behavior_dir).diffs_config(p)
     # Left out: what changes how many diffs are made or how a step is split into micro-batches (the
     # same gradient), not the diffs themselves, so finished shards stay valid when these change; and the
-    # full-finetune settings of a LoRA store (stores made before diffs.mode existed stay valid).
+    # settings of the other modes (stores made before a mode existed stay valid; a LoRA store records no mode).
     exclude = {"check", "budget_s", "max_batch_tokens"}
     if cfg.ranks is None:  # one rank for every shard: stores made before diffs.ranks existed stay valid
         exclude |= {"ranks"}
+    for mode, keys in MODE_ONLY.items():
+        if mode != cfg.mode:
+            exclude |= keys
     if cfg.mode == "lora":
-        exclude |= FULL_ONLY
+        exclude |= {"mode"}
     return {
         "base_model": lm.name, "base_sha256": lm.sha256, "behavior_dir": str(behavior_dir),
         "diffs": cfg.model_dump(exclude=exclude),
     }
 
 
-FULL_ONLY = {"mode", "full_rank", "full_lr", "full_diffs_at_once"}  # diffs keys that only diffs.mode=full reads
+# diffs keys only one diffs.mode reads
+MODE_ONLY = {"full": {"full_rank", "full_lr", "full_diffs_at_once"},
+             "peft": {"peft_rank", "peft_alpha", "peft_rslora", "peft_target_modules", "peft_lr"}}
 
 
 def _recorded_mode(run_file: Path) -> str | None:
@@ -54,8 +60,13 @@ def _recorded_mode(run_file: Path) -> str | None:
 
 
 def stored_rank_scale(cfg) -> tuple[int, float]:
-    """Rank and scale of the stored diffs: LoRA rank and alpha/rank, or full_rank at scale 1 (full mode)."""
-    return (cfg.full_rank, 1.0) if cfg.mode == "full" else (cfg.rank, cfg.scale)
+    """Rank and scale of the stored diffs: LoRA rank and alpha/rank, full_rank at scale 1 (full mode), or
+    the PEFT adapters' r and peft scale (peft mode)."""
+    if cfg.mode == "full":
+        return cfg.full_rank, 1.0
+    if cfg.mode == "peft":
+        return cfg.peft_rank, peft_scale(cfg)
+    return cfg.rank, cfg.scale
 
 
 def plan_shards(specs: pl.DataFrame, per_shard: int) -> list[list[str]]:
@@ -108,6 +119,8 @@ def train_shard(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: s
     with compute_context(lm.device, p.model.autocast):
         if cfg.mode == "full":  # dense deltas, reduced to the stored factors before the check
             result = train_full_diffs(dm, tasks, cfg, lm.tokenizer.pad_token_id)
+        elif cfg.mode == "peft":  # one PEFT adapter per diff, saved and imported as a user's
+            result = train_peft_diffs(dm, tasks, cfg, lm.tokenizer.pad_token_id, lm.name, lm.sha256)
         else:
             result = train_diffs(dm, tasks, cfg, lm.tokenizer.pad_token_id)  # ends reading its losses
         t2 = time.perf_counter()

@@ -177,8 +177,11 @@ def variant_rank(vp: Params) -> int | None:
     d = vp.diffs
     if d.ranks:
         return None
-    if getattr(d, "mode", "lora") == "full":
-        return getattr(d, "full_rank", None)
+    mode = getattr(d, "mode", "lora")
+    if mode == "full":
+        return d.full_rank
+    if mode == "peft":
+        return d.peft_rank
     return d.rank
 
 
@@ -196,7 +199,7 @@ def transfer(p: Params, lm, data_dir: str | Path, out_dir: str | Path,
         ds = build_variant(vp, lm, name, data_dir / name, made)
         datasets[name] = ds
         counts = dict(ds.group_by("split").len().iter_rows())
-        info[name] = {"overrides": cfg.variants[i].overrides, "rank": variant_rank(vp),
+        info[name] = {"overrides": cfg.variants[i].overrides, "rank": variant_rank(vp), "mode": vp.diffs.mode,
                       **{s: counts.get(s, 0) for s in ("train", "val", "test", "dropped")}}
         if counts.get("test", 0) == 0:
             raise ValueError(f"transfer variant {name!r}: no test diff passed the behaviour check "
@@ -225,8 +228,7 @@ def transfer(p: Params, lm, data_dir: str | Path, out_dir: str | Path,
                      cell.get("top1_ci"))
             if on_cell:
                 on_cell(row.name, col, cell)
-    ranks = [info[n]["rank"] for n in vps]
-    by_rank = len(vps) >= 2 and None not in ranks and len(set(ranks)) == len(ranks)
+    by_rank = rank_columns(info)
     out = {"grid": cfg.grid, "rows": [r.name for r in cfg.rows], "columns": list(vps), "matrix": matrix,
            "row_variants": {r.name: r.train for r in cfg.rows}, "variants": info, "by_rank": by_rank}
     write_json_atomic(out_dir / "matrix.json", out)
@@ -235,7 +237,7 @@ def transfer(p: Params, lm, data_dir: str | Path, out_dir: str | Path,
 
     plot_matrix(out, out_dir / "matrix.png", scores=("top1", "exact", "token_f1"))
     if by_rank:
-        plot_by_rank(out, out_dir / "rank.png")
+        plot_by_rank(out, out_dir / "rank.png", by_rank)
     return out
 
 
@@ -256,14 +258,23 @@ def transfer_markdown(m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_by_rank(m: dict, path: str | Path) -> None:
-    """Closed-set top-1 (95% CI) against the test diffs' rank, one line per row; log2 x."""
+def rank_columns(info: dict[str, dict]) -> list[str]:
+    """The columns rank.png plots: the LoRA variants, when there are two or more and each has its own single
+    rank (other modes' columns, e.g. full finetunes or peft-made adapters, appear in the matrix only)."""
+    cols = [n for n, v in info.items() if v.get("mode", "lora") == "lora"]
+    ranks = [info[n]["rank"] for n in cols]
+    return cols if len(cols) >= 2 and None not in ranks and len(set(ranks)) == len(ranks) else []
+
+
+def plot_by_rank(m: dict, path: str | Path, columns: list[str] | None = None) -> None:
+    """Closed-set top-1 (95% CI) against the test diffs' rank, one line per row; log2 x. `columns`: the
+    rank columns (default: every column)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = sorted(m["columns"], key=lambda c: m["variants"][c]["rank"])
+    cols = sorted(columns or m["columns"], key=lambda c: m["variants"][c]["rank"])
     x = [m["variants"][c]["rank"] for c in cols]
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in m["rows"]:
