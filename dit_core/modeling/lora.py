@@ -95,10 +95,11 @@ class DiffLinear(nn.Module):
             if W.shape[0] != x.shape[0]:
                 raise ValueError(f"{x.shape[0]} batch rows but {W.shape[0]} diffs: pass row_index to set_diffs")
             return torch.bmm(x, W)
-        out = x.new_zeros(*x.shape[:-1], W.shape[2])
+        out = None
         for d, rows in self.__dict__["dense_groups"]:
-            out = out.index_add(0, rows, x[rows] @ W[d])
-        return out
+            y = x[rows] @ W[d]  # under autocast in its compute dtype, which the sum takes too
+            out = (y.new_zeros(*x.shape[:-1], W.shape[2]) if out is None else out).index_add(0, rows, y)
+        return x.new_zeros(*x.shape[:-1], W.shape[2]) if out is None else out
 
 
 def linear_module_names(model: nn.Module, pattern: str = r".*") -> list[str]:
