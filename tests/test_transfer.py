@@ -50,6 +50,12 @@ def test_two_rank_grid_end_to_end_and_a_rerun_trains_nothing(tiny_model_dir, tmp
             cell = m["matrix"][row][col]
             assert (top1, exact, f1) == (round(cell["top1"], 2), round(cell["exact"], 2), round(cell["token_f1"], 2))
     assert "| r4 | diffs.rank=4 | 4 | 3 | 0 | 3 | 0 |" in md
+    for name in ("r1", "r4"):  # each variant's mean behaviour check, in matrix.json and matrix.md
+        ds = pl.read_parquet(data / name / "dataset" / "dataset.parquet")
+        check = m["variants"][name]["check"]
+        assert check["check_kl"] == pytest.approx(round(ds["check_kl"].mean(), 3)) and check["check_kl"] > 0
+        assert "kept_share" not in check  # LoRA diffs: nothing reduced
+        assert f"| {check['trigger_hit']:.3f} | {check['wrong_prefix_hit']:.3f} |" in md
     assert (folder / "matrix.png").stat().st_size > 1000 and (folder / "rank.png").stat().st_size > 1000
 
     # each variant in its own store with its own ids, the same topics; the r4 data copied from r1's
@@ -140,3 +146,14 @@ def test_one_store_of_several_ranks_pads_and_describes(tiny_model_dir, tmp_path)
     run_make_data(one)
     generate_diffs(one, lm, stage_paths(one).behavior, stage_paths(one).diffs)
     assert "ranks" not in json.loads((stage_paths(one).diffs / "run.json").read_text())["diffs"]
+
+
+def test_rank_plot_takes_the_lora_columns():
+    from dit_core.evaluation.transfer import rank_columns
+
+    info = {"r1": {"rank": 1, "mode": "lora"}, "r4": {"rank": 4, "mode": "lora"},
+            "full": {"rank": 8, "mode": "full"}, "peft": {"rank": 8, "mode": "peft"}}
+    assert rank_columns(info) == ["r1", "r4"]  # full finetunes and peft-made adapters: in the matrix only
+    assert rank_columns({**info, "r4b": {"rank": 4, "mode": "lora"}}) == []  # two columns of one rank
+    assert rank_columns({"r1": info["r1"], "full": info["full"]}) == []  # one LoRA rank: nothing to plot
+    assert rank_columns({"r1": {"rank": 1}, "r2": {"rank": 2}}) == ["r1", "r2"]  # matrices written before modes

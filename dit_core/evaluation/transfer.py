@@ -200,7 +200,8 @@ def transfer(p: Params, lm, data_dir: str | Path, out_dir: str | Path,
         datasets[name] = ds
         counts = dict(ds.group_by("split").len().iter_rows())
         info[name] = {"overrides": cfg.variants[i].overrides, "rank": variant_rank(vp), "mode": vp.diffs.mode,
-                      **{s: counts.get(s, 0) for s in ("train", "val", "test", "dropped")}}
+                      **{s: counts.get(s, 0) for s in ("train", "val", "test", "dropped")},
+                      "check": check_summary(ds)}
         if counts.get("test", 0) == 0:
             raise ValueError(f"transfer variant {name!r}: no test diff passed the behaviour check "
                              f"({data_dir / name / 'dataset'}); relax assemble.min_trigger_hit / max_*_hit or "
@@ -241,18 +242,36 @@ def transfer(p: Params, lm, data_dir: str | Path, out_dir: str | Path,
     return out
 
 
+CHECK_SUMMARY = ("trigger_hit", "wrong_prefix_hit", "no_trigger_hit", "check_kl", "kept_share")
+
+
+def check_summary(ds: pl.DataFrame) -> dict[str, float]:
+    """Mean behaviour check of a variant's diffs (every split): whether they hold the behaviour at all, and
+    how far they move the model (check_kl); a cell on diffs that broke the model says nothing of reading."""
+    return {c: round(float(ds[c].mean()), 3) for c in CHECK_SUMMARY
+            if c in ds.columns and ds[c].null_count() < ds.height}
+
+
 def transfer_markdown(m: dict) -> str:
-    """The matrix (cross.matrix_markdown) and a table of the variants: overrides, rank, split sizes."""
+    """The matrix (cross.matrix_markdown) and a table of the variants: overrides, rank, split sizes and the
+    mean behaviour check of their diffs."""
     from dit_core.evaluation.cross import matrix_markdown
 
     lines = [f"# Transfer: {m['grid']}", "", matrix_markdown(m, CAPTION, scores=("exact", "token_f1")).rstrip(), "",
              "| row | trained on |", "|---|---|"]
     lines += [f"| {r} | {', '.join(v)} |" for r, v in m["row_variants"].items()]
-    lines += ["", "| variant | overrides | rank | train | val | test | dropped |", "|---|---|---|---|---|---|---|"]
+    checks = [c for c in CHECK_SUMMARY if any(c in v.get("check", {}) for v in m["variants"].values())]
+    lines += ["", "| variant | overrides | rank | train | val | test | dropped |" + "".join(f" {c} |" for c in checks),
+              "|---|---|---|---|---|---|---|" + "---|" * len(checks)]
     for name, v in m["variants"].items():
         rank = "mixed" if v["rank"] is None else v["rank"]
+        got = v.get("check", {})
         lines.append(f"| {name} | {' '.join(v['overrides']) or '(none)'} | {rank} | {v['train']} | {v['val']} | "
-                     f"{v['test']} | {v['dropped']} |")
+                     f"{v['test']} | {v['dropped']} |" + "".join(
+                         f" {got[c]:.3f} |" if c in got else " - |" for c in checks))
+    if checks:
+        lines += ["", "Behaviour check: each variant's mean over its diffs (kept_share: full finetunes' share of "
+                  "the dense change their stored factors keep)."]
     if m["by_rank"]:
         lines += ["", "Score by rank: rank.png (closed-set top-1 with its 95% interval, one line per row)."]
     return "\n".join(lines) + "\n"
