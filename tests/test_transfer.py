@@ -86,6 +86,24 @@ def test_two_rank_grid_end_to_end_and_a_rerun_trains_nothing(tiny_model_dir, tmp
     run = mlflow.search_runs(experiment_names=[p2.tracking.experiment], output_format="list")[0]
     assert run.data.metrics["transfer.mixed.r4.top1"] == pytest.approx(out["matrix"]["mixed"]["r4"]["top1"])
 
+    # r4 made again with other settings under the same ids (its old store deleted, as the refusal says):
+    # the row that learned from r4 retrains and every r4 cell is scored again; the r1 row and r1 cells stay.
+    import shutil
+
+    shutil.rmtree(data / "r4" / "diffs")
+    grid = [g.replace("overrides: [diffs.rank=4]", "overrides: [diffs.rank=4, diffs.alpha=8]") for g in GRID]
+    p3 = load_params(PARAMS, pipeline_overrides(tiny_model_dir, tmp_path) + grid + ["tracking.enabled=false"])
+    run_stage(p3.model_dump(), "transfer")
+    weights_now = _mtimes(folder, "interpreter/*.safetensors")
+    cells_now = _mtimes(folder, "cell.json")
+    key = lambda row, col: str(folder / row / col / "cell.json")  # noqa: E731
+    r1_weights = [k for k in weights if f"{folder}/r1/" in k and "/interpreter/" in k]
+    assert all(weights_now[k] == weights[k] for k in r1_weights)
+    assert any(weights_now[k] != weights[k] for k in weights if f"{folder}/mixed/interpreter/" in k)
+    assert cells_now[key("r1", "r1")] == weights[key("r1", "r1")]
+    for row, col in (("r1", "r4"), ("mixed", "r1"), ("mixed", "r4")):
+        assert cells_now[key(row, col)] != weights[key(row, col)], (row, col)
+
 
 def test_grid_refusals(tiny_model_dir, tmp_path):
     from dit_core.config import ConfigError, load_params

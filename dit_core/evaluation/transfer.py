@@ -21,6 +21,7 @@ interpreter and one folder per column with that cell's predictions).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -115,8 +116,16 @@ def build_variant(vp: Params, lm, name: str, root: Path, made: dict[str, list[tu
     return read_validated(root / "dataset" / "dataset.parquet", DitDataset)
 
 
+def diffs_digest(df: pl.DataFrame) -> str:
+    """sha256 of the diffs themselves: each one's (id, shard sha256, row in the shard), sorted. Ids alone
+    would miss a variant made again with other settings under the same ids."""
+    items = sorted(df.select("diff_id", "shard_sha256", "row").iter_rows())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
+
+
 def _interpreter_record(p: Params, fit: pl.DataFrame) -> dict:
-    return {"train_ids": sorted(fit["diff_id"].to_list()), "interpreter": p.interpreter.model_dump()}
+    return {"train_ids": sorted(fit["diff_id"].to_list()), "train_diffs_sha256": diffs_digest(fit),
+            "interpreter": p.interpreter.model_dump()}
 
 
 def train_row(p: Params, lm, fit: pl.DataFrame, folder: Path, progress: bool) -> bool:
@@ -140,7 +149,8 @@ def score_cell(p: Params, lm, fit: pl.DataFrame, test: pl.DataFrame, interpreter
     from dit_core.evaluation.evaluate import evaluate
 
     spec = json.loads((interpreter / "interpreter.json").read_text())
-    record = {"test_ids": sorted(test["diff_id"].to_list()), "interpreter": spec.get("weights_sha256"),
+    record = {"test_ids": sorted(test["diff_id"].to_list()), "test_diffs_sha256": diffs_digest(test),
+              "interpreter": spec.get("weights_sha256"),
               "eval": p.eval.model_dump(exclude={"methods", "judge"})}
     done = folder / CELL_FILE
     if done.is_file():
