@@ -53,7 +53,8 @@ def test_two_rank_grid_end_to_end_and_a_rerun_trains_nothing(tiny_model_dir, tmp
     for name in ("r1", "r4"):  # each variant's mean behaviour check, in matrix.json and matrix.md
         ds = pl.read_parquet(data / name / "dataset" / "dataset.parquet")
         check = m["variants"][name]["check"]
-        assert check["check_kl"] == pytest.approx(round(ds["check_kl"].mean(), 3)) and check["check_kl"] > 0
+        assert set(check) == {"trigger_hit", "wrong_prefix_hit", "no_trigger_hit", "check_kl"}
+        assert all(check[c] == pytest.approx(round(ds[c].mean(), 3)) for c in check)
         assert "kept_share" not in check  # LoRA diffs: nothing reduced
         assert f"| {check['trigger_hit']:.3f} | {check['wrong_prefix_hit']:.3f} |" in md
     assert (folder / "matrix.png").stat().st_size > 1000 and (folder / "rank.png").stat().st_size > 1000
