@@ -23,7 +23,9 @@ def peft_adapter(model_dir, out, config, seed=0):
     from peft import get_peft_model
 
     base = load_model(model_dir, "cpu", "float32").model
-    pm = get_peft_model(base, config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # peft's lora_A init: the same adapter whatever ran before
+        pm = get_peft_model(base, config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, prm in pm.named_parameters():
@@ -81,7 +83,7 @@ def test_peft_made_adapter_imports_to_peft_logits(tiny_model_dir, tmp_path, case
         assert shard.A[m].shape[1] == shard.B[m].shape[2] == rank  # lower ranks zero-padded
     ours, base = our_logits(tiny_model_dir, shard)
     assert (theirs - base).abs().max() > 1e-2  # the adapter changes the model: the comparison means something
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)  # float32 sums in another order
 
 
 @pytest.mark.parametrize("case", ["rslora", "patterns"])

@@ -81,12 +81,14 @@ def train_peft_diffs(dm: DiffModel, tasks, cfg, pad_id: int, base_model: str, ba
     with tempfile.TemporaryDirectory(prefix="dit-peft-") as tmp:
         tmp = keep_dir or tmp
         for task in tqdm(tasks, desc=f"training {len(tasks)} PEFT adapters", disable=not progress):
-            torch.manual_seed(task.seed)  # peft's init draws from the global generator
-            try:
-                pm = get_peft_model(view, lora_config(cfg))
-            except ValueError as e:
-                raise ValueError(f"peft could not adapt the base model ({e}); name the modules with "
-                                 "--set 'diffs.peft_target_modules=[q_proj, v_proj]'") from e
+            devices = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):  # the caller's generator state is left as it was
+                torch.manual_seed(task.seed)  # peft's init draws from the global generator
+                try:
+                    pm = get_peft_model(view, lora_config(cfg))
+                except ValueError as e:
+                    raise ValueError(f"peft could not adapt the base model ({e}); name the modules with "
+                                     "--set 'diffs.peft_target_modules=[q_proj, v_proj]'") from e
             try:
                 losses = _train_one(pm.get_base_model(), [p for p in pm.parameters() if p.requires_grad],
                                     task, cfg, pad_id, device, _sample_rows)
