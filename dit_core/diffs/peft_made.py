@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from dit_core.diffs.trainer import TrainResult, _sample_rows
 from dit_core.modeling.batching import answer_logits, collate, micro_batches
+from dit_core.modeling.peft_io import import_peft
 from dit_core.modeling.lora import DiffLinear, DiffModel
 from dit_core.modeling.schedule import warmup_cosine
 from dit_core.stop import check_stop
@@ -53,10 +55,8 @@ def lora_config(cfg):
     """The peft LoraConfig of diffs.peft_* (no dropout: the diffs are trained for a few dozen steps)."""
     from peft import LoraConfig
 
-    targets = cfg.peft_target_modules
     return LoraConfig(r=cfg.peft_rank, lora_alpha=cfg.peft_alpha, use_rslora=cfg.peft_rslora, lora_dropout=0.0,
-                      bias="none", task_type="CAUSAL_LM",
-                      target_modules=list(targets) if isinstance(targets, (list, tuple)) else targets)
+                      bias="none", task_type="CAUSAL_LM", target_modules=cfg.peft_target_modules)
 
 
 def train_peft_diffs(dm: DiffModel, tasks, cfg, pad_id: int, base_model: str, base_sha256: str,
@@ -68,9 +68,6 @@ def train_peft_diffs(dm: DiffModel, tasks, cfg, pad_id: int, base_model: str, ba
     `keep_dir`: also keep each adapter as saved by peft, in keep_dir/<diff_id>/ (else a temporary folder).
     """
     from peft import get_peft_model
-
-    from dit_core.diffs.trainer import TrainResult, _sample_rows
-    from dit_core.modeling.peft_io import import_peft
 
     device = next(dm.model.parameters()).device
     view = unwrapped_view(dm.model)
@@ -91,7 +88,7 @@ def train_peft_diffs(dm: DiffModel, tasks, cfg, pad_id: int, base_model: str, ba
                                      "--set 'diffs.peft_target_modules=[q_proj, v_proj]'") from e
             try:
                 losses = _train_one(pm.get_base_model(), [p for p in pm.parameters() if p.requires_grad],
-                                    task, cfg, pad_id, device, _sample_rows)
+                                    task, cfg, pad_id, device)
                 out = Path(tmp) / task.diff_id
                 pm.save_pretrained(str(out))
             finally:
@@ -109,7 +106,7 @@ def train_peft_diffs(dm: DiffModel, tasks, cfg, pad_id: int, base_model: str, ba
                        final=final)
 
 
-def _train_one(model, params, task, cfg, pad_id: int, device, sample_rows) -> dict:
+def _train_one(model, params, task, cfg, pad_id: int, device) -> dict:
     """diffs.steps AdamW steps of answer cross-entropy on one diff's rows; the mean of the last 5 steps."""
     opt = torch.optim.AdamW(params, lr=cfg.peft_lr, weight_decay=0.0)
     rng = random.Random(task.seed)
@@ -119,7 +116,7 @@ def _train_one(model, params, task, cfg, pad_id: int, device, sample_rows) -> di
         for g in opt.param_groups:
             g["lr"] = cfg.peft_lr * warmup_cosine(step, cfg.steps, cfg.warmup_steps, floor=0.1)
         opt.zero_grad(set_to_none=True)
-        rows = sample_rows([task], [rng], cfg)
+        rows = _sample_rows([task], [rng], cfg)
         n_tokens = sum(len(ex.ids) - ex.answer_start for _, ex in rows)
         total, trig_sum, trig_n = 0.0, 0.0, 0
         for mb in micro_batches(rows, cfg.max_batch_tokens):

@@ -184,15 +184,9 @@ def _check_grid(p: Params) -> None:
 
 def variant_rank(vp: Params) -> int | None:
     """The rank of a variant's stored diffs, or None when they have several (diffs.ranks) or no single one."""
-    d = vp.diffs
-    if d.ranks:
-        return None
-    mode = getattr(d, "mode", "lora")
-    if mode == "full":
-        return d.full_rank
-    if mode == "peft":
-        return d.peft_rank
-    return d.rank
+    from dit_core.diffs.generate import stored_rank_scale
+
+    return None if vp.diffs.ranks else stored_rank_scale(vp.diffs)[0]
 
 
 def transfer(p: Params, lm, data_dir: str | Path, out_dir: str | Path,
