@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from dit_core.io import atomic_path, write_parquet_atomic
 from dit_core.modeling.lora import CONVENTION
-from dit_core.modeling.models import sha256_file
+from dit_core.modeling.models import check_recorded_sha256, sha256_file
 from dit_core.data.schemas import DiffManifest, read_validated, validate, with_optional_columns
 
 FORMAT = "dit-diff/1"
@@ -134,10 +134,7 @@ def write_shard(path: str | Path, shard: DiffShard, extra_metadata: dict[str, st
 def check_sha256(path: str | Path, recorded: str,
                  fix: str = "delete it and rerun `dit stage generate-diffs` (it retrains that shard)") -> None:
     """Refuse a file whose sha256 is not the one recorded when it was written."""
-    actual = sha256_file(Path(path))
-    if actual != recorded:
-        raise DiffFileError(f"{path}: sha256 {actual[:12]}… is not the {recorded[:12]}… recorded when it was "
-                            f"written: the file changed or is corrupt; {fix}")
+    check_recorded_sha256(path, recorded, fix, DiffFileError)
 
 
 def read_shard(path: str | Path, expected: dict[str, tuple[int, int]] | None = None,

@@ -21,7 +21,7 @@ from dit_core.modeling.chat import chat_prompt, generate, inference_batch
 from dit_core.modeling.batching import Example, answer_logprobs, diff_losses, encode_example
 from dit_core.io import atomic_path, read_json_object, write_json_atomic
 from dit_core.modeling.lora import DiffModel
-from dit_core.modeling.models import sha256_file
+from dit_core.modeling.models import check_recorded_sha256, sha256_file
 
 WEIGHTS = "interpreter.safetensors"
 SPEC = "interpreter.json"
@@ -141,10 +141,7 @@ def save_interpreter(out_dir: str | Path, spec: InterpreterSpec, state: dict[str
 
 def check_file_sha256(path: Path, recorded: str, fix: str) -> None:
     """Refuse a file whose sha256 is not the one recorded when it was written."""
-    actual = sha256_file(path)
-    if actual != recorded:
-        raise InterpreterFileError(f"{path}: sha256 {actual[:12]}… is not the {recorded[:12]}… recorded when it "
-                                   f"was written: the file changed or is corrupt; {fix}")
+    check_recorded_sha256(path, recorded, fix, InterpreterFileError)
 
 
 MAX_QUESTION_CHARS = 1000  # a question is a sentence; a prompt past the model's context would run for hours

@@ -138,6 +138,14 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def check_recorded_sha256(path: Path, recorded: str, fix: str, error: type[Exception]) -> None:
+    """Refuse (raise `error`) a file whose sha256 is not the one recorded when it was written."""
+    actual = sha256_file(Path(path))
+    if actual != recorded:
+        raise error(f"{path}: sha256 {actual[:12]}… is not the {recorded[:12]}… recorded when it was "
+                    f"written: the file changed or is corrupt; {fix}")
+
+
 def weights_sha256(path: Path) -> str:
     """One sha256 over every safetensors weight file of an HF directory (sorted by name)."""
     files = sorted(path.glob("*.safetensors"))
