@@ -39,7 +39,8 @@ class ModelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field(description="auto: CUDA when visible, else CPU")
     autocast: Literal["auto", "bf16", "off"] = Field(
         description="bf16 autocast for matmuls (weights stay in dtype); auto: on a CPU only where bf16 is "
-        "native (avx512_bf16 or amx_bf16), never on CUDA (bf16 weights already)")
+        "native (avx512_bf16 or amx_bf16, and ONEDNN_MAX_CPU_ISA not capped below them), never on CUDA (bf16 "
+        "weights already)")
 
     @field_validator("autocast", mode="before")
     @classmethod

@@ -96,6 +96,25 @@ def test_autocast_auto_follows_native_bf16_not_onednn(tmp_path, monkeypatch):
     assert not torch.is_autocast_enabled("cpu")
 
 
+def test_autocast_auto_honours_a_onednn_isa_cap_below_bf16(tmp_path, monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX512_CORE keeps oneDNN off the CPU's bf16 instructions: bf16 would be emulated."""
+    from dit_core.modeling import models
+
+    _fake_cpu(monkeypatch, tmp_path, "avx512_bf16")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core")
+    use, why = models.autocast_decision("cpu", "auto")
+    assert not use and "ONEDNN_MAX_CPU_ISA=AVX512_CORE" in why and "emulated" in why
+    assert models.autocast_decision("cpu", "bf16")[0] is True  # an explicit setting still wins
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert models.autocast_decision("cpu", "auto")[0] is True
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    assert models.autocast_decision("cpu", "auto")[0] is False
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA")
+    assert models.autocast_decision("cpu", "auto")[0] is True
+
+
 def test_autocast_settings_off_and_bf16_are_obeyed_and_cuda_auto_is_off():
     from dit_core.modeling.models import autocast_decision
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -81,6 +82,10 @@ def autocast_decision(device: torch.device | str, autocast: str = "auto") -> tup
     if dev != "cpu":
         return False, f"off on {dev}: weights are already in model.dtype"
     native = native_bf16_flags()
+    cap = onednn_isa_cap()
+    if native and cap is not None and not isa_has_bf16(cap):
+        return False, (f"off: ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN off this CPU's native bf16 "
+                       f"({', '.join(native)}), so bf16 matmuls would be emulated")
     if native:
         return True, f"bf16: this CPU has native bf16 ({', '.join(native)})"
     return False, ("off: this CPU has no native bf16 (no avx512_bf16/amx_bf16), where bf16 is emulated "
@@ -127,6 +132,22 @@ def native_bf16_flags() -> list[str]:
         return [f for f in NATIVE_BF16_FLAGS if f in flags]
     capability = torch.backends.cpu.get_cpu_capability()
     return [capability] if "AMX" in capability.upper() else []
+
+
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) below the first with bf16 instructions; the others
+# (AVX512_CORE_BF16, AVX512_CORE_FP16, AVX512_CORE_AMX, AVX10_*, AVX2_VNNI_2, DEFAULT, ALL) have them.
+ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"})
+
+
+def onednn_isa_cap() -> str | None:
+    """The instruction set oneDNN is capped at (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap.strip().upper() if cap and cap.strip() else None
+
+
+def isa_has_bf16(isa: str) -> bool:
+    """Whether oneDNN capped at `isa` may use native bf16 instructions."""
+    return isa.upper() not in ISAS_WITHOUT_BF16
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
