@@ -4,6 +4,7 @@
     python bench/bench_vs_reference.py                      # embedded model, CPU (about 3 minutes on 2 cores)
     python bench/bench_vs_reference.py --tiny               # seconds-long smoke run
     python bench/bench_vs_reference.py --device cuda --T 64 --interp-batch 16   # bf16 on a GPU
+    python bench/bench_vs_reference.py --device cuda --shape qwen3-4b --T 16 --interp-batch 16   # Qwen3-4B-shaped
 
 Diff generation: T diffs for --steps steps with the params.yaml recipe (--profile/--set laid over it),
 first by `train_diffs` (all T diffs per step), then by the reference (one diff after another, deep-copied
@@ -46,7 +47,8 @@ from dit_core.config import load_params  # noqa: E402
 from dit_core.diffs.trainer import init_factors, train_diffs, train_step  # noqa: E402
 from dit_core.interpreter.adapter import InterpreterSpec, build_interpreter, label_example  # noqa: E402
 from dit_core.modeling.lora import DiffModel  # noqa: E402
-from dit_core.modeling.models import autocast_decision, compute_context, load_model  # noqa: E402
+from dit_core.modeling.models import (LoadedModel, autocast_decision, compute_context, load_model,  # noqa: E402
+                                      resolve_device_dtype)
 from dit_core.modeling.schedule import warmup_cosine  # noqa: E402
 
 aten = torch.ops.aten
@@ -366,10 +368,27 @@ def hardware(device: torch.device) -> dict:
     return info
 
 
+def shaped_model(shape: str, tokenizer_dir: str, device: str, dtype: str) -> LoadedModel:
+    """A `shape`-shaped model with random weights (nothing downloaded), with the tokenizer in `tokenizer_dir`."""
+    from transformers import AutoTokenizer
+
+    from shapes import build_model
+
+    dev, dt = resolve_device_dtype(device, dtype)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = build_model(shape, dev, dt, vocab_size=len(tok))
+    return LoadedModel(model=model, tokenizer=tok, name=shape, sha256="random weights", path=Path(tokenizer_dir))
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "data/models/smollm2-135m-instruct"))
     ap.add_argument("--tiny", action="store_true", help="a tiny random model (smoke run)")
+    ap.add_argument("--shape", default=None,
+                    help="a model of this shape with random weights (bench/shapes.py, e.g. qwen3-4b) built on the "
+                    "device; --model then gives only the tokenizer")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="model weights: auto (bf16 on CUDA, fp32 on a CPU)")
     ap.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"])
@@ -394,7 +413,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.model = str(make_tiny_model_dir("/tmp/dit-bench-tiny"))
     p = load_params(args.params, args.overrides, args.profiles)
     args.interp_batch = args.interp_batch or p.interpreter.batch_size
-    lm = load_model(args.model, args.device, args.dtype)
+    lm = shaped_model(args.shape, args.model, args.device, args.dtype) if args.shape else \
+        load_model(args.model, args.device, args.dtype)
     device = lm.device
     use_bf16, why = autocast_decision(device, args.autocast)
     weight_dtype = next(lm.model.parameters()).dtype
@@ -408,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
     base_bytes = sum(t.numel() * t.element_size() for t in lm.model.state_dict().values())
     ref_model = copy.deepcopy(lm.model)  # the reference's own copy of the base model, never wrapped
     dm = DiffModel(lm.model, p.diffs.modules)
-    report = {"date": date.today().isoformat(), "model": args.model, "device": str(device),
+    report = {"date": date.today().isoformat(), "model": args.shape or args.model, "device": str(device),
               "weights_dtype": str(weight_dtype), "compute_dtype": str(compute_dtype), "autocast": why,
               "hardware": hardware(device), "matmul_peak_tflops": peaks, "peak_gemm_n": n,
               "params": args.params, "profiles": args.profiles, "overrides": args.overrides,

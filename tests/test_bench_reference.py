@@ -166,3 +166,20 @@ def test_bench_reports_every_field(tiny_model_dir, tmp_path):
     assert d["project"]["final_loss_mean"] == pytest.approx(d["reference"]["final_loss_mean"], rel=1e-4)
     i = res["interpreter_training"]
     assert i["project"]["loss_first_step"] == pytest.approx(i["reference"]["loss_first_step"], rel=1e-4)
+
+
+def test_bench_on_a_model_built_from_its_config(tiny_model_dir, tmp_path):
+    """--shape builds the model from a published config with random weights (here the Qwen3 family's
+    test-sized stand-in; qwen3-4b on a GPU): the same fields, the same loss on both paths."""
+    from shapes import CONFIGS, build_config
+
+    res = bench.main(["--model", str(tiny_model_dir), "--shape", "tiny-qwen3", "--T", "2", "--steps", "1",
+                      "--interp-steps", "1", "--interp-batch", "2", "--peak-n", "256", "--autocast", "off",
+                      "--out", str(tmp_path / "vs.json")])
+    assert res["model"] == "tiny-qwen3"
+    d = res["diff_generation"]
+    assert d["project"]["final_loss_mean"] == pytest.approx(d["reference"]["final_loss_mean"], rel=1e-4)
+    assert res["interpreter_training"]["project"]["flops_per_step"] > 0
+    cfg = build_config("qwen3-4b")  # the published shape, without building it
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers) == ("qwen3", 2560, 36)
+    assert CONFIGS["tiny-qwen3"][0] == "qwen3"
