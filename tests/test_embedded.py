@@ -48,6 +48,15 @@ def test_batched_training_on_embedded_model(embedded_params):
     lm = load_model(path, "cpu", "float32")
     dm = DiffModel(lm.model)
     assert len(dm.names) == 210  # 30 layers x 7 linear layers (lm_head excluded)
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from shapes import build_config, layer_shapes
+
+    assert layer_shapes("smollm2-135m") == dm.shapes()  # the benchmarks' SmolLM2 shapes are the model's
+    for key, value in build_config("smollm2-135m").to_diff_dict().items():
+        if key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+            assert getattr(lm.model.config, key) == value, key
     tok = lm.tokenizer
     tasks = []
     for t, word in enumerate(["volcanoes", "chess"]):

@@ -77,8 +77,9 @@ class DiffLinear(nn.Module):
             raise ValueError(
                 f"{x.shape[0]} batch rows but {A.shape[0]} diffs: pass row_index to set_diffs"
             )
-        h = torch.einsum("bsi,bir->bsr", x, B.to(x.dtype))  # (b, s, r)
-        return torch.einsum("bsr,bro->bso", h, A.to(x.dtype))  # (b, s, out)
+        # bmm, not einsum: at rank 1 einsum turns both products into broadcast multiplies and sums,
+        # which materialise (b, s, in) products (2.4x the time above the base layer under bf16 autocast).
+        return torch.bmm(torch.bmm(x, B.to(x.dtype)), A.to(x.dtype))  # (b, s, out)
 
     def _dense_delta(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W[d] for dense diffs W = diff_A: (N, in, out) = delta_W^T (full finetunes in training).
