@@ -331,3 +331,51 @@ def test_warmup_cosine_schedule():
     assert warmup_cosine(7, 10, 2, 0.1, cosine=False) == 1.0
     mid = warmup_cosine(6, 10, 2, 0.1)
     assert 0.1 < mid < 1.0 and mid == pytest.approx(0.55)
+
+
+def test_cpu_bf16_training_forwards_take_the_math_attention_kernel(dm):
+    """Under bf16 autocast on a CPU a forward that will be backpropagated avoids the flash kernel (its
+    backward is slow there) and gives the same losses and gradients within bf16 tolerance; a forward
+    without grad, an fp32 forward and rows too long for the math kernel keep flash."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dit_core.modeling import batching
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    flash = "_scaled_dot_product_flash_attention_for_cpu"
+    tasks = _tasks(2)
+    rows = [(t, ex) for t, task in enumerate(tasks) for ex in task.trigger]
+    A, B = _random_diffs(dm, 2)
+
+    def run(grad: bool, bf16: bool, budget=batching.MATH_ATTENTION_SCORES):
+        a = {k: v.clone().requires_grad_(grad) for k, v in A.items()}
+        dm.set_diffs(a, B)
+        old, batching.MATH_ATTENTION_SCORES = batching.MATH_ATTENTION_SCORES, budget
+        try:
+            with Ops() as ops, torch.set_grad_enabled(grad), \
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+                loss, _ = diff_losses(dm, rows, 2, 0.0, 2)
+                if grad:
+                    loss.backward()
+        finally:
+            batching.MATH_ATTENTION_SCORES = old
+            dm.clear_diffs()
+        return ops.names, loss.detach(), {k: v.grad for k, v in a.items()}
+
+    names, loss, grads = run(grad=True, bf16=True)
+    assert flash not in names and "_softmax_backward_data" in names  # the math kernel's softmax
+    flash_names, flash_loss, flash_grads = run(grad=True, bf16=True, budget=0)  # rows above the budget
+    assert flash in flash_names
+    torch.testing.assert_close(loss, flash_loss, atol=0.05, rtol=0.02)
+    for k in grads:
+        torch.testing.assert_close(grads[k], flash_grads[k], atol=2e-3, rtol=0.1)
+    assert flash in run(grad=False, bf16=True)[0]
+    assert flash in run(grad=True, bf16=False)[0]

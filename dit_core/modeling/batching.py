@@ -146,6 +146,30 @@ def attention_mask_for(model, mask: torch.Tensor) -> torch.Tensor:
     return causal[None, None] & mask.bool()[:, None, None, :]  # (b, 1, s, s): query q sees keys <= q
 
 
+# Attention scores (rows x width x width) up to which a CPU training forward under bf16 autocast uses
+# SDPA's math kernel: it keeps the (b, heads, s, s) probabilities for the backward, so long rows stay on
+# the flash kernel.
+MATH_ATTENTION_SCORES = 1 << 20
+
+
+def attention_kernel(device: torch.device, shape: torch.Size):
+    """The SDPA kernel choice for a forward on `device` with input ids of `shape`.
+
+    On a CPU under bf16 autocast, torch's flash-attention backward takes ~8x its forward (23% of a
+    diff-training step); the math kernel made the default recipe's step 1.2x faster
+    (docs/benchmarks.md). In fp32 the two are alike, and forwards without a backward keep the default.
+    """
+    import contextlib
+
+    b, s = shape
+    if (device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and b * s * s <= MATH_ATTENTION_SCORES):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
 def answer_logits(model, batch: Batch) -> torch.Tensor:
     """Logits only at the answer positions: the lm_head is ~20% of a small model's FLOPs.
 
@@ -153,7 +177,8 @@ def answer_logits(model, batch: Batch) -> torch.Tensor:
     causal attention kernel.
     """
     mask = attention_mask_for(model, batch.attention_mask) if batch.padded else None
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=mask)[0]
+    with attention_kernel(batch.input_ids.device, batch.input_ids.shape):
+        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=mask)[0]
     sel = hidden[batch.tok_row, batch.tok_pos]  # (n, h)
     return model.get_output_embeddings()(sel).float()  # (n, V)
 
