@@ -36,7 +36,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,18 +44,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from shapes import CONFIGS, layer_shapes  # noqa: E402
 
 from dit_core.modeling.lora import DiffModel  # noqa: E402
-
-class OpCount(TorchDispatchMode):
-    """Counts the aten ops dispatched inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
+from dit_core.testing.syncs import OpsSeen  # noqa: E402
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -151,7 +139,7 @@ def time_method(fn, cases: list[tuple[Case, int]], device, repeats: int) -> tupl
     """Median ms of one forward+backward over every case (each weighted by its count), aten ops, peak bytes."""
     for c, _ in cases:
         run_once(fn, c)  # warm-up (and compilation)
-    with OpCount() as ops:
+    with OpsSeen() as ops:
         for c, _ in cases:
             run_once(fn, c)
     peak = None
@@ -173,7 +161,7 @@ def time_method(fn, cases: list[tuple[Case, int]], device, repeats: int) -> tupl
             _sync(device)
             total += (time.perf_counter() - t0) * weight
         times.append(total * 1e3)
-    n_ops = ops.n  # one layer of each shape
+    n_ops = len(ops.names)  # one layer of each shape
     return statistics.median(times), n_ops, peak
 
 

@@ -337,18 +337,8 @@ def test_cpu_bf16_training_forwards_take_the_math_attention_kernel(dm):
     """Under bf16 autocast on a CPU a forward that will be backpropagated avoids the flash kernel (its
     backward is slow there) and gives the same losses and gradients within bf16 tolerance; a forward
     without grad, an fp32 forward and rows too long for the math kernel keep flash."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from dit_core.modeling import batching
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.add(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
+    from dit_core.testing.syncs import OpsSeen
 
     flash = "_scaled_dot_product_flash_attention_for_cpu"
     tasks = _tasks(2)
@@ -360,7 +350,7 @@ def test_cpu_bf16_training_forwards_take_the_math_attention_kernel(dm):
         dm.set_diffs(a, B)
         old, batching.MATH_ATTENTION_SCORES = batching.MATH_ATTENTION_SCORES, budget
         try:
-            with Ops() as ops, torch.set_grad_enabled(grad), \
+            with OpsSeen() as ops, torch.set_grad_enabled(grad), \
                     torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
                 loss, _ = diff_losses(dm, rows, 2, 0.0, 2)
                 if grad:
@@ -368,7 +358,7 @@ def test_cpu_bf16_training_forwards_take_the_math_attention_kernel(dm):
         finally:
             batching.MATH_ATTENTION_SCORES = old
             dm.clear_diffs()
-        return ops.names, loss.detach(), {k: v.grad for k, v in a.items()}
+        return set(ops.names), loss.detach(), {k: v.grad for k, v in a.items()}
 
     names, loss, grads = run(grad=True, bf16=True)
     assert flash not in names and "_softmax_backward_data" in names  # the math kernel's softmax

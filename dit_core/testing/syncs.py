@@ -5,6 +5,7 @@ a value back (`.item()`, `bool(t)`, `torch.equal`), data-dependent sizes (`nonze
 boolean-mask indexing each stop the host until the device catches up. On a CPU these cost nothing,
 so `SyncOps` records them there (a dispatch mode over every aten op); on CUDA,
 `torch.cuda.set_sync_debug_mode` also sees blocking host-to-device copies.
+`OpsSeen` records every op a block dispatches (which kernels ran, and how many).
 """
 
 from __future__ import annotations
@@ -28,4 +29,17 @@ class SyncOps(TorchDispatchMode):
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
         if name in READS or bool_index:
             self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class OpsSeen(TorchDispatchMode):
+    """`with OpsSeen() as s: ...` records in `s.names` the name of every aten op dispatched (in order):
+    which kernels ran, and how many (a proxy for kernel launches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
