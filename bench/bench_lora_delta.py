@@ -135,10 +135,11 @@ def run_once(fn, c: Case):
     return y.detach(), x.grad, A.grad, B.grad
 
 
-def time_method(fn, cases: list[tuple[Case, int]], device, repeats: int) -> tuple[float, int, int | None]:
-    """Median ms of one forward+backward over every case (each weighted by its count), aten ops, peak bytes."""
+def ops_and_peak(fn, cases: list[tuple[Case, int]], device) -> tuple[int, int | None]:
+    """Aten ops of one forward+backward over one layer of each shape, and (CUDA) its peak bytes above the
+    inputs; after a warm-up run (and compilation)."""
     for c, _ in cases:
-        run_once(fn, c)  # warm-up (and compilation)
+        run_once(fn, c)
     with OpsSeen() as ops:
         for c, _ in cases:
             run_once(fn, c)
@@ -151,18 +152,24 @@ def time_method(fn, cases: list[tuple[Case, int]], device, repeats: int) -> tupl
             run_once(fn, c)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - start
-    times = []
+    return len(ops.names), peak
+
+
+def time_methods(methods: dict, cases: list[tuple[Case, int]], device, repeats: int) -> dict[str, float]:
+    """Median ms of one forward+backward over every case (each weighted by its count), per method; the
+    methods take turns in every repeat, so a drift in the machine's speed touches them all alike."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
-        total = 0.0
-        for c, weight in cases:
-            _sync(device)
-            t0 = time.perf_counter()
-            run_once(fn, c)
-            _sync(device)
-            total += (time.perf_counter() - t0) * weight
-        times.append(total * 1e3)
-    n_ops = len(ops.names)  # one layer of each shape
-    return statistics.median(times), n_ops, peak
+        for name, fn in methods.items():
+            total = 0.0
+            for c, weight in cases:
+                _sync(device)
+                t0 = time.perf_counter()
+                run_once(fn, c)
+                _sync(device)
+                total += (time.perf_counter() - t0) * weight
+            times[name].append(total * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def max_rel_err(got, ref) -> float:
@@ -190,24 +197,30 @@ def bench(args) -> dict:
         for order in ("mixed", "grouped"):
             cases = [(Case(fi, fo, args, order, device, dtype, seed=i), w) for i, ((fi, fo), w) in enumerate(counts.items())]
             refs = [run_once(m_project, c) for c, _ in cases]
-            base_ms = None
+            chosen, rows = {}, {}
             for name, fn in methods.items():
                 if name == "merged" and T * args.rows * max(fi * fo for fi, fo in counts) * 4 > args.merged_limit:
-                    out["runs"].append({"T": T, "order": order, "method": name, "skipped": "per-row weights too large"})
+                    rows[name] = {"T": T, "order": order, "method": name, "skipped": "per-row weights too large"}
                     continue
-                ms, n_ops, peak = time_method(fn, cases, device, args.repeats)
-                row = {"T": T, "order": order, "method": name, "ms": round(ms, 3), "aten_ops_per_shape_set": n_ops,
-                       "peak_mb": None if peak is None else round(peak / 2**20, 1)}
-                if name == "base":
-                    base_ms = ms
-                else:
+                n_ops, peak = ops_and_peak(fn, cases, device)
+                rows[name] = {"T": T, "order": order, "method": name, "aten_ops_per_shape_set": n_ops,
+                              "peak_mb": None if peak is None else round(peak / 2**20, 1)}
+                if name != "base":
                     got = [run_once(fn, c) for c, _ in cases]
-                    row["max_rel_err"] = max(max_rel_err(g, r) for g, r in zip(got, refs))
-                    row["above_base_ms"] = round(ms - base_ms, 3)
+                    rows[name]["max_rel_err"] = max(max_rel_err(g, r) for g, r in zip(got, refs))
+                chosen[name] = fn
+            ms = time_methods(chosen, cases, device, args.repeats)
+            for name, row in rows.items():
+                if name in ms:
+                    row["ms"] = round(ms[name], 3)
+                    if name != "base":
+                        row["above_base_ms"] = round(ms[name] - ms["base"], 3)
+                    print(f"T={T:4d} {order:7s} {name:9s} {ms[name]:9.2f} ms  ops {row['aten_ops_per_shape_set']:6d}"
+                          + ("" if name == "base" else
+                             f"  +{row['above_base_ms']:8.2f} ms over base  err {row['max_rel_err']:.1e}")
+                          + ("" if row["peak_mb"] is None else f"  peak {row['peak_mb']:8.1f} MiB"),
+                          file=sys.stderr, flush=True)
                 out["runs"].append(row)
-                print(f"T={T:4d} {order:7s} {name:9s} {ms:9.2f} ms  ops {n_ops:6d}"
-                      + ("" if name == "base" else f"  +{ms - base_ms:8.2f} ms over base  err {row['max_rel_err']:.1e}")
-                      + ("" if peak is None else f"  peak {peak / 2**20:8.1f} MiB"), file=sys.stderr, flush=True)
     return out
 
 
