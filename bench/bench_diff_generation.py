@@ -5,6 +5,8 @@
     python bench/bench_diff_generation.py --device cuda --T 64 --profile paper --torch-profile
         # the paper profile's recipe (rows, answer-token limits, KL weights) on a GPU, plus a
         # torch.profiler table of the ops that take the time (<out>_profile_T64.txt)
+    python bench/bench_diff_generation.py --device cuda --T 64 256 --profile paper --compile
+        # the same with every decoder layer through torch.compile
     python bench/bench_diff_generation.py --host-prep --T 64 256 --profile paper --max-batch-tokens 65536
         # the host's own work per step (sampling, tokenising, packing), tokenizer only, no model
 
@@ -135,6 +137,16 @@ def host_prep(tokenizer, cfg: DiffsConfig, T: int, steps: int = 10) -> dict:
                 pack_ms=round(1e3 * pack / steps, 1), max_batch_tokens=cfg.max_batch_tokens)
 
 
+def compile_decoder_layers(model) -> int:
+    """Each decoder layer (modules named <...>.layers.<i>) compiled in place; returns how many."""
+    import re
+
+    layers = [m for name, m in model.named_modules() if re.search(r"(^|\.)layers\.\d+$", name)]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="data/models/smollm2-135m-instruct")
@@ -159,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host-prep", action="store_true",
                     help="only time the host's per-step work (row sampling, tokenising, packing) per T; "
                          "loads the tokenizer, not the model")
+    ap.add_argument("--compile", action="store_true",
+                    help="each decoder layer through torch.compile (dynamic shapes), compiled in the warm-up step")
     ap.add_argument("--out", default="reports/bench/diff_generation.json")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -180,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     lm = load_model(args.model, args.device, args.dtype)
     dm = DiffModel(lm.model)
+    if args.compile:
+        compile_decoder_layers(lm.model)
     results = []
     # Mixed precision for the timed runs only (exited before returning: main() may run inside a test).
     with compute_context(lm.device, args.autocast):
@@ -223,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "params": args.params, "device": str(lm.device), "dtype": str(next(lm.model.parameters()).dtype),
-                               "autocast": args.autocast,
+                               "autocast": args.autocast, "compiled": args.compile,
                                "results": results}, indent=2))
     print(json.dumps(results, indent=1))
 

@@ -121,6 +121,15 @@ def m_merged(c: Case, x, A, B):
     return torch.bmm(x, W)
 
 
+def m_compiled(c: Case, x, A, B):
+    """`project` with the layer's forward through torch.compile (the diffs installed eagerly)."""
+    c.dm.set_diffs({"layers.0.proj": A}, {"layers.0.proj": B})
+    c.dm.set_row_index(c.rows, host_index=c.host_rows)
+    if "compiled" not in c.__dict__:
+        c.compiled = torch.compile(c.layer, dynamic=False)
+    return c.compiled(x)
+
+
 METHODS = {"base": m_base, "project": m_project, "loop": m_loop, "concat": m_concat, "merged": m_merged}
 
 
@@ -136,13 +145,15 @@ def run_once(fn, c: Case):
 
 
 def ops_and_peak(fn, cases: list[tuple[Case, int]], device) -> tuple[int, int | None]:
-    """Aten ops of one forward+backward over one layer of each shape, and (CUDA) its peak bytes above the
-    inputs; after a warm-up run (and compilation)."""
+    """Aten ops of one forward+backward over one layer of each shape (None for a compiled method), and
+    (CUDA) its peak bytes above the inputs; after a warm-up run (and compilation)."""
     for c, _ in cases:
         run_once(fn, c)
-    with OpsSeen() as ops:
-        for c, _ in cases:
-            run_once(fn, c)
+    ops = None
+    if fn is not m_compiled:  # a dispatch mode would run the compiled graph op by op
+        with OpsSeen() as ops:
+            for c, _ in cases:
+                run_once(fn, c)
     peak = None
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -152,7 +163,7 @@ def ops_and_peak(fn, cases: list[tuple[Case, int]], device) -> tuple[int, int | 
             run_once(fn, c)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - start
-    return len(ops.names), peak
+    return (None if ops is None else len(ops.names)), peak
 
 
 def time_methods(methods: dict, cases: list[tuple[Case, int]], device, repeats: int) -> dict[str, float]:
@@ -186,8 +197,7 @@ def bench(args) -> dict:
         counts[shape] = counts.get(shape, 0) + 1
     methods = dict(METHODS)
     if args.compile:
-        compiled = torch.compile(m_project, dynamic=False)
-        methods["compiled"] = compiled
+        methods["compiled"] = m_compiled
     out = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "autocast": args.autocast,
            "shapes": args.shapes,
            "rank": args.rank, "rows_per_diff": args.rows, "seq": args.seq, "torch": torch.__version__,
@@ -215,7 +225,8 @@ def bench(args) -> dict:
                     row["ms"] = round(ms[name], 3)
                     if name != "base":
                         row["above_base_ms"] = round(ms[name] - ms["base"], 3)
-                    print(f"T={T:4d} {order:7s} {name:9s} {ms[name]:9.2f} ms  ops {row['aten_ops_per_shape_set']:6d}"
+                    n_ops = row["aten_ops_per_shape_set"]
+                    print(f"T={T:4d} {order:7s} {name:9s} {ms[name]:9.2f} ms  ops {'-' if n_ops is None else n_ops:>6}"
                           + ("" if name == "base" else
                              f"  +{row['above_base_ms']:8.2f} ms over base  err {row['max_rel_err']:.1e}")
                           + ("" if row["peak_mb"] is None else f"  peak {row['peak_mb']:8.1f} MiB"),

@@ -39,3 +39,16 @@ def test_bench_host_prep_only(tmp_path):
     # per diff: 2 triggered rows + the shared KL rows (2 wrong-prefix + params.yaml's 1 untriggered)
     assert [(r["T"], r["rows_per_step"]) for r in res] == [(2, 10), (4, 20)]
     assert all(r["sample_ms"] > 0 and r["pack_ms"] > 0 for r in res)
+
+
+def test_bench_with_compiled_decoder_layers(tmp_path):
+    """--compile compiles every decoder layer in place (the diffs still switch per batch) and trains."""
+    from dit_core.modeling.models import load_model
+    from dit_core.testing.tiny import make_tiny_model_dir
+
+    model = load_model(make_tiny_model_dir(tmp_path / "m"), "cpu", "float32").model
+    assert bench.compile_decoder_layers(model) == model.config.num_hidden_layers
+    out = tmp_path / "gen.json"
+    bench.main(["--tiny", "--T", "2", "--steps", "1", "--compile", "--autocast", "off", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["compiled"] is True and res["results"][0]["seconds"] > 0
