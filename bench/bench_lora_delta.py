@@ -46,6 +46,7 @@ from shapes import CONFIGS, layer_shapes  # noqa: E402
 from dit_core.modeling.lora import DiffModel  # noqa: E402
 from dit_core.testing.syncs import OpsSeen  # noqa: E402
 
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -54,9 +55,11 @@ def _sync(device: torch.device) -> None:
 class Case:
     """One layer shape's inputs: x (b, s, in), the diffs' factors, the base weight, the rows' diffs."""
 
-    def __init__(self, fan_in: int, fan_out: int, args, order: str, device, dtype, seed: int):
+    def __init__(self, fan_in: int, fan_out: int, T: int, n: int, s: int, r: int, order: str, device, dtype,
+                 autocast: bool, seed: int):
+        """T diffs of rank r, n rows of s tokens each; `autocast`: run under bf16 autocast."""
         g = torch.Generator().manual_seed(seed)
-        T, n, s, r = args.T_now, args.rows, args.seq, args.rank
+        self.autocast = autocast
         self.base = nn.Linear(fan_in, fan_out, bias=False).to(device, dtype).requires_grad_(False)
         with torch.no_grad():
             self.base.weight.copy_(torch.randn(fan_out, fan_in, generator=g) / fan_in**0.5)
@@ -89,9 +92,14 @@ def m_base(c: Case, x, A, B):
     return c.base(x)
 
 
-def m_project(c: Case, x, A, B):
+def _install(c: Case, A, B) -> None:
+    """The diffs into the case's DiffLinear, rows picking by c.rows, as the trainer installs them."""
     c.dm.set_diffs({"layers.0.proj": A}, {"layers.0.proj": B})
     c.dm.set_row_index(c.rows, host_index=c.host_rows)
+
+
+def m_project(c: Case, x, A, B):
+    _install(c, A, B)
     return c.layer(x)
 
 
@@ -123,8 +131,7 @@ def m_merged(c: Case, x, A, B):
 
 def m_compiled(c: Case, x, A, B):
     """`project` with the layer's forward through torch.compile (the diffs installed eagerly)."""
-    c.dm.set_diffs({"layers.0.proj": A}, {"layers.0.proj": B})
-    c.dm.set_row_index(c.rows, host_index=c.host_rows)
+    _install(c, A, B)
     if "compiled" not in c.__dict__:
         c.compiled = torch.compile(c.layer, dynamic=False)
     return c.compiled(x)
@@ -133,12 +140,9 @@ def m_compiled(c: Case, x, A, B):
 METHODS = {"base": m_base, "project": m_project, "loop": m_loop, "concat": m_concat, "merged": m_merged}
 
 
-AUTOCAST: dict = {"enabled": False}  # set by main: bf16 autocast as the pipeline runs on a CPU
-
-
 def run_once(fn, c: Case):
     x, A, B = c.leaves()
-    with torch.autocast(c.x.device.type, dtype=torch.bfloat16, enabled=AUTOCAST["enabled"], cache_enabled=False):
+    with torch.autocast(c.x.device.type, dtype=torch.bfloat16, enabled=c.autocast, cache_enabled=False):
         y = fn(c, x, A, B)
     y.backward(c.grad_out.to(y.dtype))
     return y.detach(), x.grad, A.grad, B.grad
@@ -203,9 +207,9 @@ def bench(args) -> dict:
            "rank": args.rank, "rows_per_diff": args.rows, "seq": args.seq, "torch": torch.__version__,
            "cuda": torch.version.cuda if device.type == "cuda" else None, "runs": []}
     for T in args.T:
-        args.T_now = T
         for order in ("mixed", "grouped"):
-            cases = [(Case(fi, fo, args, order, device, dtype, seed=i), w) for i, ((fi, fo), w) in enumerate(counts.items())]
+            cases = [(Case(fi, fo, T, args.rows, args.seq, args.rank, order, device, dtype, args.autocast == "bf16",
+                           seed=i), w) for i, ((fi, fo), w) in enumerate(counts.items())]
             refs = [run_once(m_project, c) for c, _ in cases]
             chosen, rows = {}, {}
             for name, fn in methods.items():
@@ -253,7 +257,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "reports/bench/lora_delta.json"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    AUTOCAST["enabled"] = args.autocast == "bf16"
     res = bench(args)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
