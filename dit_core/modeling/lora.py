@@ -77,8 +77,8 @@ class DiffLinear(nn.Module):
             raise ValueError(
                 f"{x.shape[0]} batch rows but {A.shape[0]} diffs: pass row_index to set_diffs"
             )
-        # bmm, not einsum: at rank 1 einsum turns both products into broadcast multiplies and sums,
-        # which materialise (b, s, in) products (2.4x the time above the base layer under bf16 autocast).
+        # bmm, not einsum: at rank 1 einsum turns both products into broadcast multiplies and sums that
+        # materialise (b, s, in) products (measured by bench/bench_lora_delta.py; docs/benchmarks.md).
         return torch.bmm(torch.bmm(x, B.to(x.dtype)), A.to(x.dtype))  # (b, s, out)
 
     def _dense_delta(self, x: torch.Tensor) -> torch.Tensor:
