@@ -83,8 +83,8 @@ def autocast_decision(device: torch.device | str, autocast: str = "auto") -> tup
         return False, f"off on {dev}: weights are already in model.dtype"
     native = native_bf16_flags()
     cap = onednn_isa_cap()
-    if native and cap is not None and not isa_has_bf16(cap):
-        return False, (f"off: ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN off this CPU's native bf16 "
+    if native and cap is not None and not isa_has_bf16(cap[1]):
+        return False, (f"off: {cap[0]}={cap[1]} keeps oneDNN off this CPU's native bf16 "
                        f"({', '.join(native)}), so bf16 matmuls would be emulated")
     if native:
         return True, f"bf16: this CPU has native bf16 ({', '.join(native)})"
@@ -139,10 +139,13 @@ def native_bf16_flags() -> list[str]:
 ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"})
 
 
-def onednn_isa_cap() -> str | None:
-    """The instruction set oneDNN is capped at (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA)."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    return cap.strip().upper() if cap and cap.strip() else None
+def onednn_isa_cap() -> tuple[str, str] | None:
+    """(variable, instruction set) oneDNN is capped at: ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA."""
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return var, value.upper()
+    return None
 
 
 def isa_has_bf16(isa: str) -> bool:
