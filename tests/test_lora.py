@@ -270,9 +270,10 @@ def test_sync_detector_sees_reads_and_masks():
 
 
 @pytest.mark.parametrize("max_tokens", [40, 10_000])  # several micro-batches / one mixed batch
-def test_training_step_never_waits_for_the_device(dm, max_tokens):
+@pytest.mark.parametrize("prefixed", [False, True])  # rows with a shared prefix run it once per diff
+def test_training_step_never_waits_for_the_device(dm, max_tokens, prefixed):
     """The whole step (teacher, micro-batches, masks, loss parts) is queued without reading back."""
-    tasks = _tasks(3)
+    tasks = _prefixed_tasks(3) if prefixed else _tasks(3)
     rows = [(t, ex) for t, task in enumerate(tasks) for ex in task.trigger + task.kl]
     A, B = init_factors(dm.shapes(), [t.seed for t in tasks], 2, 0.1, "cpu")
     for k in A:
@@ -369,3 +370,101 @@ def test_cpu_bf16_training_forwards_take_the_math_attention_kernel(dm):
         torch.testing.assert_close(grads[k], flash_grads[k], atol=2e-3, rtol=0.1)
     assert flash in run(grad=False, bf16=True)[0]
     assert flash in run(grad=True, bf16=False)[0]
+
+
+def _prefixed_tasks(n, prefix_len=8, seed=0):
+    """n diff tasks whose every row opens with the same `prefix_len` tokens (as a chat template's do):
+    three triggered rows, one untriggered and one wrong-prefix row each, of at most 15 tokens (inside
+    the tiny Gemma 3's sliding window of 16)."""
+    from dit_core.diffs.trainer import DiffTask
+    from dit_core.modeling.batching import Example
+
+    rng = random.Random(seed)
+    head = rng.choices(range(3, 500), k=prefix_len)
+
+    def ex(kind):
+        prompt = head + rng.choices(range(3, 500), k=rng.randrange(1, 4))
+        return Example(prompt + rng.choices(range(3, 500), k=rng.randrange(2, 5)), len(prompt), kind)
+
+    return [DiffTask(f"d{t}", 100 + t, [ex("trigger") for _ in range(3)], [ex("no_trigger"), ex("wrong_prefix")])
+            for t in range(n)]
+
+
+def _embedded_tokens(model):
+    """A list that collects the number of input ids other than padding (id 2) of every forward of `model`."""
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(int((args[0] != 2).sum())))
+    return seen
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("max_tokens", [40, 10_000])  # several micro-batches / one batch
+def test_shared_prefix_gives_the_same_step_with_fewer_tokens(tmp_path, family, max_tokens):
+    """The prefix every row shares runs once per diff: same loss parts and gradients, fewer tokens run."""
+    from dit_core.modeling.models import load_model
+    from dit_core.testing.tiny import make_tiny_model_dir
+
+    dm = DiffModel(load_model(make_tiny_model_dir(tmp_path / family, family=family), "cpu", "float32").model)
+    seen = _embedded_tokens(dm.model)
+    tasks = _prefixed_tasks(3)
+    rows = [(t, ex) for t, task in enumerate(tasks) for ex in task.trigger + task.kl]
+    A, B = init_factors(dm.shapes(), [t.seed for t in tasks], 2, 0.1, "cpu")
+    for k in A:
+        A[k] += 0.05 * torch.randn_like(A[k])
+
+    def run(share):
+        cfg = section("diffs", kl_weight=5.0, first_token_weight=3.0, max_batch_tokens=max_tokens, share_prefix=share)
+        a = {k: v.clone().requires_grad_(True) for k, v in A.items()}
+        b = {k: v.clone().requires_grad_(True) for k, v in B.items()}
+        dm.set_diffs(a, b, scale=1.0)
+        seen.clear()
+        parts = train_step(dm, rows, 3, cfg, pad_id=2)
+        dm.clear_diffs()
+        return parts, {k: a[k].grad for k in a}, {k: b[k].grad for k in b}, sum(seen)
+
+    p1, gA1, gB1, n1 = run(False)
+    p2, gA2, gB2, n2 = run(True)
+    assert n2 == n1 - 8 * (len(rows) - 3)  # 15 rows, of which 3 (one per diff) run the prefix
+    for k in p1:
+        torch.testing.assert_close(p1[k], p2[k], atol=1e-6, rtol=1e-5)
+    for k in gA1:
+        assert gA1[k].abs().sum() > 0
+        torch.testing.assert_close(gA1[k], gA2[k], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(gB1[k], gB2[k], atol=1e-6, rtol=1e-4)
+
+
+def test_shared_prefix_without_backward_and_where_it_saves_nothing(dm):
+    """The behaviour check's no-grad parts with a shared prefix equal those without; a prefix under
+    MIN_SHARED_PREFIX tokens or one row per diff runs no separate prefix forward."""
+    from dit_core.modeling.batching import MIN_SHARED_PREFIX, SharedPrefix, common_prefix
+
+    tasks = _prefixed_tasks(3)
+    rows = [(t, ex) for t, task in enumerate(tasks) for ex in task.trigger + task.kl]
+    assert common_prefix(rows) == 8
+    A, B = _random_diffs(dm, 3)
+    dm.set_diffs(A, B)
+    with torch.no_grad():
+        off = summed_parts(dm, rows, 3, 2, kl_weight=1.0, max_tokens=40, backward=False, share_prefix=False)
+        on = summed_parts(dm, rows, 3, 2, kl_weight=1.0, max_tokens=40, backward=False, share_prefix=True)
+        assert SharedPrefix.for_rows(dm, rows, 3).length == 8
+        short = [(t, ex) for t, task in enumerate(_prefixed_tasks(3, MIN_SHARED_PREFIX - 1))
+                 for ex in task.trigger + task.kl]
+        assert common_prefix(short) == MIN_SHARED_PREFIX - 1 and SharedPrefix.for_rows(dm, short, 3) is None
+        assert SharedPrefix.for_rows(dm, [(t, tasks[t].trigger[0]) for t in range(3)], 3) is None
+    dm.clear_diffs()
+    for k in off:
+        assert not on[k].requires_grad
+        torch.testing.assert_close(on[k], off[k], atol=1e-6, rtol=1e-5)
+    assert (on["kl"] > 0).all()
+
+
+def test_common_prefix_stops_before_the_first_predicting_position():
+    from dit_core.modeling.batching import Example, collate, common_prefix
+
+    rows = [(0, Example([5, 6, 7, 8, 9], 3, "trigger")), (1, Example([5, 6, 7, 8], 3, "trigger"))]
+    assert common_prefix(rows) == 2  # the answers are predicted from position 2 on
+    batch = collate(rows, pad_id=0, device="cpu", skip=2)
+    assert batch.input_ids.tolist() == [[7, 8, 9], [7, 8, 0]]
+    assert batch.tok_pos.tolist() == [0, 1, 0] and batch.targets.tolist() == [8, 9, 8]
+    with pytest.raises(ValueError, match="inside the 3 tokens skipped"):
+        collate(rows, pad_id=0, device="cpu", skip=3)

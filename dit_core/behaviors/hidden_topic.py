@@ -85,7 +85,8 @@ class HiddenTopic(Behavior):
         from dit_core.diffs.behavior_check import check_diffs
 
         cfg = self.diffs_config(p)
-        return check_diffs(dm, tokenizer, checks, A, B, scale, cfg.check_tokens, max_batch_tokens=cfg.max_batch_tokens)
+        return check_diffs(dm, tokenizer, checks, A, B, scale, cfg.check_tokens, max_batch_tokens=cfg.max_batch_tokens,
+                           share_prefix=cfg.share_prefix)
 
     def manifest_fields(self, spec):
         return {"category": spec["category"], "label": spec["topic"], "trigger": spec["trigger_prefix"],

@@ -47,6 +47,7 @@ def check_diffs(
     max_new_tokens: int = 32,
     batch_size: int | None = None,
     max_batch_tokens: int = 8192,
+    share_prefix: bool = True,
 ) -> list[dict[str, float]]:
     """Topic-mention rates per prompt kind and KL to the base model, one dict per diff.
 
@@ -74,7 +75,7 @@ def check_diffs(
         kl = [float("nan")] * len(checks)
         if rows:
             parts = summed_parts(dm, rows, len(checks), tokenizer.pad_token_id, kl_weight=1.0,
-                                 max_tokens=max_batch_tokens, backward=False)
+                                 max_tokens=max_batch_tokens, backward=False, share_prefix=share_prefix)
             kl = parts["kl"].tolist()
     finally:
         dm.clear_diffs()

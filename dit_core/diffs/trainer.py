@@ -128,7 +128,8 @@ def train_step(dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, cfg
                ) -> dict[str, torch.Tensor]:
     """Forward + backward of one step's rows in micro-batches; gradients accumulate in the factors."""
     return summed_parts(dm, rows, n_diffs, pad_id, kl_weight=cfg.kl_weight,
-                        first_token_weight=cfg.first_token_weight, max_tokens=cfg.max_batch_tokens, backward=True)
+                        first_token_weight=cfg.first_token_weight, max_tokens=cfg.max_batch_tokens, backward=True,
+                        share_prefix=cfg.share_prefix)
 
 
 def init_factors(

@@ -105,17 +105,24 @@ def encode_text(tokenizer, text: str, kind: str = "text") -> Example:
     return Example(ids=ids, answer_start=1, kind=kind)
 
 
-def collate(rows: list[tuple[int, Example]], pad_id: int, device) -> Batch:
-    """Right-pad rows of (diff index, example) into a Batch (one host-to-device copy)."""
-    b, width = len(rows), max(len(ex.ids) for _, ex in rows)
+def collate(rows: list[tuple[int, Example]], pad_id: int, device, skip: int = 0) -> Batch:
+    """Right-pad rows of (diff index, example) into a Batch (one host-to-device copy).
+
+    `skip` leaves out every row's first tokens (a prefix the rows share, run once: `SharedPrefix`);
+    positions then count from the first token kept.
+    """
+    b, width = len(rows), max(len(ex.ids) for _, ex in rows) - skip
     ids, mask, host_rows = [], [], []
     tok_row, tok_pos, targets, tok_diff, tok_kind, tok_first, ce_idx, kl_idx, sizes = ([] for _ in range(9))
     for i, (t, ex) in enumerate(rows):
-        pad = width - len(ex.ids)
-        ids += ex.ids + [pad_id] * pad
-        mask += [1] * len(ex.ids) + [0] * pad
+        if ex.answer_start - 1 < skip:
+            raise ValueError(f"a row's answer starts at token {ex.answer_start}, inside the {skip} tokens skipped")
+        kept = ex.ids[skip:]
+        pad = width - len(kept)
+        ids += kept + [pad_id] * pad
+        mask += [1] * len(kept) + [0] * pad
         host_rows.append(t)
-        pos = range(ex.answer_start - 1, len(ex.ids) - 1)
+        pos = range(ex.answer_start - 1 - skip, len(ex.ids) - 1 - skip)
         (ce_idx if is_ce(ex.kind) else kl_idx).extend(range(len(tok_row), len(tok_row) + len(pos)))
         tok_row += [i] * len(pos)
         tok_pos += pos
@@ -131,19 +138,23 @@ def collate(rows: list[tuple[int, Example]], pad_id: int, device) -> Batch:
                  padded=len(mask) != sum(mask))
 
 
-def attention_mask_for(model, mask: torch.Tensor) -> torch.Tensor:
+def attention_mask_for(model, mask: torch.Tensor, past: int = 0) -> torch.Tensor:
     """The attention mask to pass: for SDPA attention, a ready 4D boolean mask (causal and padding).
 
     Given the 2D padding mask, transformers checks on every forward whether it has any padding, which
     reads it back from the device; a prepared 4D mask is used as it is. Other attention kernels get
     the 2D mask. (A prepared mask also stands in for a sliding-window mask: the same here, where rows
-    are a few hundred tokens, far shorter than any model's window.)
+    are a few hundred tokens, far shorter than any model's window.) `past`: tokens of a shared prefix
+    already in the cache, which every row sees in full.
     """
+    b, s = mask.shape
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return mask
-    s = mask.shape[1]
+        return torch.cat([mask.new_ones(b, past), mask], dim=1) if past else mask
     causal = torch.ones(s, s, dtype=torch.bool, device=mask.device).tril()
-    return causal[None, None] & mask.bool()[:, None, None, :]  # (b, 1, s, s): query q sees keys <= q
+    full = causal[None, None] & mask.bool()[:, None, None, :]  # (b, 1, s, s): query q sees keys <= q
+    if past:
+        full = torch.cat([full.new_ones(b, 1, s, past), full], dim=-1)  # (b, 1, s, past + s)
+    return full
 
 
 # Attention scores (rows x width x width) up to which a CPU training forward under bf16 autocast uses
@@ -152,8 +163,9 @@ def attention_mask_for(model, mask: torch.Tensor) -> torch.Tensor:
 MATH_ATTENTION_SCORES = 1 << 20
 
 
-def attention_kernel(device: torch.device, shape: torch.Size):
-    """The SDPA kernel choice for a forward on `device` with input ids of `shape`.
+def attention_kernel(device: torch.device, shape: torch.Size, past: int = 0):
+    """The SDPA kernel choice for a forward on `device` with input ids of `shape` (after `past` cached
+    tokens).
 
     On a CPU under bf16 autocast, torch's flash-attention backward takes ~8x its forward (23% of a
     diff-training step); the math kernel made the default recipe's step 1.2x faster
@@ -163,24 +175,106 @@ def attention_kernel(device: torch.device, shape: torch.Size):
 
     b, s = shape
     if (device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and b * s * s <= MATH_ATTENTION_SCORES):
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and b * s * (past + s) <= MATH_ATTENTION_SCORES):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
 
 
-def answer_logits(model, batch: Batch) -> torch.Tensor:
+def answer_logits(model, batch: Batch, prefix: SharedPrefix | None = None) -> torch.Tensor:
     """Logits only at the answer positions: the lm_head is ~20% of a small model's FLOPs.
 
     A batch without padding (equal-length rows, e.g. the shared KL rows) runs without a mask, on the
-    causal attention kernel.
+    causal attention kernel. With `prefix`, the batch holds the rows after their shared prefix
+    (`collate(..., skip=prefix.length)`) and attends to the prefix's cached keys and values.
     """
-    mask = attention_mask_for(model, batch.attention_mask) if batch.padded else None
-    with attention_kernel(batch.input_ids.device, batch.input_ids.shape):
-        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=mask)[0]
+    ids = batch.input_ids
+    if prefix is None:
+        mask = attention_mask_for(model, batch.attention_mask) if batch.padded else None
+        with attention_kernel(ids.device, ids.shape):
+            hidden = model.base_model(input_ids=ids, attention_mask=mask)[0]
+    else:
+        mask = attention_mask_for(model, batch.attention_mask, past=prefix.length)
+        with attention_kernel(ids.device, ids.shape, past=prefix.length):
+            hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=True,
+                                      **{prefix.cache_kwarg: prefix.cache_for(batch.row_index)})[0]
     sel = hidden[batch.tok_row, batch.tok_pos]  # (n, h)
     return model.get_output_embeddings()(sel).float()  # (n, V)
+
+
+# A shared prefix shorter than this many tokens is not worth its own forward.
+MIN_SHARED_PREFIX = 8
+
+
+def cache_kwarg(model) -> str | None:
+    """The keyword the decoder's forward takes a key/value cache by (`cache` in recent transformers,
+    `past_key_values` before), or None when it takes none."""
+    import inspect
+
+    params = inspect.signature(model.base_model.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+
+def common_prefix(rows: list[tuple[int, Example]]) -> int:
+    """Tokens every row starts with, short of each row's first predicting position (answer_start - 1)."""
+    first = rows[0][1].ids
+    limit = min(ex.answer_start - 1 for _, ex in rows)
+    n = 0
+    while n < limit and all(ex.ids[n] == first[n] for _, ex in rows):
+        n += 1
+    return n
+
+
+class SharedPrefix:
+    """The keys and values of a token prefix that all rows of a step share, computed once per diff.
+
+    Every row of a diff-training step opens with the same chat-template tokens (system prompt, user
+    turn): at the default recipe 24 of a row's ~60 tokens. Under causal attention those positions do not
+    depend on what follows, so they run once per diff (one row each) instead of once per row; the rows
+    after them attend to the cached keys and values of their diff. Same losses and gradients (to float
+    rounding; tests/test_lora.py). With gradients, the rows' backwards collect the gradient of the cached
+    keys and values in detached copies, and `backward` runs the prefix's graph once with their sum.
+    """
+
+    def __init__(self, dm: DiffModel, ids: list[int], n_diffs: int, cache_kwarg: str):
+        from transformers import DynamicCache
+
+        self.length, self.cache_kwarg = len(ids), cache_kwarg
+        device = next(dm.model.parameters()).device
+        batch = to_device(torch.tensor([ids] * n_diffs), device)
+        dm.set_row_index(to_device(torch.arange(n_diffs), device), host_index=list(range(n_diffs)))
+        cache = DynamicCache()
+        with attention_kernel(device, batch.shape):
+            dm.model.base_model(input_ids=batch, use_cache=True, **{cache_kwarg: cache})
+        self.roots = [t for layer in cache.layers for t in (layer.keys, layer.values)]  # (n_diffs, kv heads, P, d)
+        grad = torch.is_grad_enabled()
+        self.leaves = [t.detach().requires_grad_() if grad else t for t in self.roots]
+
+    @classmethod
+    def for_rows(cls, dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int) -> SharedPrefix | None:
+        """The rows' shared prefix, or None where it saves nothing: under MIN_SHARED_PREFIX tokens, fewer
+        than two rows per diff, or a decoder that takes no cache."""
+        kwarg = cache_kwarg(dm.model)
+        if kwarg is None or len(rows) < 2 * n_diffs:
+            return None
+        n = common_prefix(rows)
+        return cls(dm, rows[0][1].ids[:n], n_diffs, kwarg) if n >= MIN_SHARED_PREFIX else None
+
+    def cache_for(self, row_index: torch.Tensor):
+        """A fresh cache holding, for each batch row, the prefix keys and values of its diff."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(0, len(self.leaves), 2):
+            cache.update(self.leaves[i][row_index], self.leaves[i + 1][row_index], i // 2)
+        return cache
+
+    def backward(self) -> None:
+        """Backpropagate the gradient the rows left on the cached keys and values through the prefix."""
+        pairs = [(r, leaf.grad) for r, leaf in zip(self.roots, self.leaves) if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
 
 
 PARTS = ("ce", "kl", "kl_no_trigger", "kl_wrong_prefix")
@@ -235,7 +329,7 @@ def teacher_logprobs(dm: DiffModel, examples: list[Example], pad_id: int, max_to
 def diff_losses(
     dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, kl_weight: float, pad_id: int,
     first_token_weight: float = 1.0, norms: dict[str, torch.Tensor] | None = None,
-    teacher: dict[int, torch.Tensor] | None = None,
+    teacher: dict[int, torch.Tensor] | None = None, prefix: SharedPrefix | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed loss over diffs and per-diff parts (ce, kl per kind), each shaped (n_diffs,), on the device.
 
@@ -246,15 +340,16 @@ def diff_losses(
     base model runs here, on this batch's KL rows.
     `first_token_weight` weighs each answer's first token (where greedy decoding commits to the topic
     or not) against the rest of the answer, in both the cross-entropy and the KL term.
+    `prefix`: the rows' shared prefix, already run (`SharedPrefix`).
     Which tokens take which loss is decided on the host (see `Batch`): no host-device sync.
     """
     model = dm.model
     device = next(model.parameters()).device
     if norms is None:
         norms = normalizers_on(loss_normalizers(rows, n_diffs, first_token_weight), device)
-    batch = collate(rows, pad_id, device)
+    batch = collate(rows, pad_id, device, skip=prefix.length if prefix else 0)
     dm.set_row_index(batch.row_index, host_index=batch.host_rows)
-    logits = answer_logits(model, batch)  # (n, V)
+    logits = answer_logits(model, batch, prefix)  # (n, V)
     kl_examples = [ex for _, ex in rows if not is_ce(ex.kind)]
     if kl_examples and teacher is None:  # one batch of this batch's KL rows, diffs off
         teacher = teacher_logprobs(dm, kl_examples, pad_id, max_tokens=sys.maxsize)
@@ -288,19 +383,21 @@ def diff_losses(
     return loss, {k: v.detach() for k, v in parts.items()}
 
 
-def micro_batches(rows: list[tuple[int, Example]], max_tokens: int) -> list[list[tuple[int, Example]]]:
+def micro_batches(rows: list[tuple[int, Example]], max_tokens: int, skip: int = 0
+                  ) -> list[list[tuple[int, Example]]]:
     """Split a step's rows into length-sorted micro-batches of at most `max_tokens` padded tokens.
 
     Rows of all diffs are sorted by kind (cross-entropy rows, then KL rows, so the teacher forward runs
     on KL rows only) and by length, then packed greedily: sorting removes most padding, the token
     budget bounds activation memory. A single row longer than the budget gets a micro-batch of its own.
+    `skip`: leading tokens of every row that do not run in the micro-batch (a shared prefix).
     """
     order = sorted(rows, key=lambda r: (not is_ce(r[1].kind), len(r[1].ids), r[1].ids))
     out: list[list[tuple[int, Example]]] = []
     for r in order:
         cur = out[-1] if out else None
         if (cur is not None and is_ce(cur[-1][1].kind) == is_ce(r[1].kind)
-                and (len(cur) + 1) * len(r[1].ids) <= max_tokens):
+                and (len(cur) + 1) * (len(r[1].ids) - skip) <= max_tokens):
             cur.append(r)
         else:
             out.append([r])
@@ -308,24 +405,30 @@ def micro_batches(rows: list[tuple[int, Example]], max_tokens: int) -> list[list
 
 
 def summed_parts(dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, pad_id: int, *, kl_weight: float,
-                 first_token_weight: float = 1.0, max_tokens: int, backward: bool) -> dict[str, torch.Tensor]:
+                 first_token_weight: float = 1.0, max_tokens: int, backward: bool, share_prefix: bool = True
+                 ) -> dict[str, torch.Tensor]:
     """Per-diff loss parts of `rows`, computed in micro-batches of at most `max_tokens` padded tokens.
 
     Equal to `diff_losses` on all rows at once, with bounded memory; with `backward` each
-    micro-batch's loss is backpropagated (gradients accumulate in the factors). The parts stay on the
+    micro-batch's loss is backpropagated (gradients accumulate in the factors). With `share_prefix`
+    the token prefix all rows share runs once per diff (`SharedPrefix`). The parts stay on the
     device: reading them is the caller's choice of sync point.
     """
     device = next(dm.model.parameters()).device
     norms = normalizers_on(loss_normalizers(rows, n_diffs, first_token_weight), device)
     teacher = teacher_logprobs(dm, [ex for _, ex in rows if not is_ce(ex.kind)], pad_id, max_tokens)
     parts = {k: torch.zeros(n_diffs, device=device) for k in PARTS}
-    for mb in micro_batches(rows, max_tokens):
+    with torch.set_grad_enabled(backward):
+        prefix = SharedPrefix.for_rows(dm, rows, n_diffs) if share_prefix else None
+    for mb in micro_batches(rows, max_tokens, skip=prefix.length if prefix else 0):
         with torch.set_grad_enabled(backward):
-            loss, p = diff_losses(dm, mb, n_diffs, kl_weight, pad_id, first_token_weight, norms, teacher)
+            loss, p = diff_losses(dm, mb, n_diffs, kl_weight, pad_id, first_token_weight, norms, teacher, prefix)
         if backward:
             loss.backward()
         for k in PARTS:
             parts[k] += p[k]
+    if backward and prefix is not None:
+        prefix.backward()
     return parts
 
 
