@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from dit_core.config import DiffsConfig, load_params  # noqa: E402
 from dit_core.diffs.trainer import TriggeredDiffTask, _sample_rows, shares_kl_rows, train_diffs  # noqa: E402
 from dit_core.modeling.lora import DiffModel  # noqa: E402
-from dit_core.modeling.models import compute_context, load_model  # noqa: E402
+from dit_core.modeling.models import compute_context, fp32_linear_decision, load_model  # noqa: E402
 from dit_core.data.topics import load_questions  # noqa: E402
 
 
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"])
+    ap.add_argument("--fp32-linear", default="auto", choices=["auto", "torch", "onednn"],
+                    help="kernels of fp32 linears on a CPU, as model.fp32_linear")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"),
                     help="params file whose diffs recipe (rows per kind, answer tokens, KL weights, rank) is timed")
     ap.add_argument("--profile", dest="profiles", action="append", default=[],
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         compile_decoder_layers(lm.model)
     results = []
     # Mixed precision for the timed runs only (exited before returning: main() may run inside a test).
-    with compute_context(lm.device, args.autocast):
+    with compute_context(lm.device, args.autocast, args.fp32_linear):
         for T in args.T:
             tasks = synthetic_tasks(lm.tokenizer, T)
             cfg = recipe.model_copy(update=dict(
@@ -240,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": args.model, "params": args.params, "device": str(lm.device), "dtype": str(next(lm.model.parameters()).dtype),
                                "autocast": args.autocast, "compiled": args.compile,
+                               "fp32_linear": fp32_linear_decision(lm.device, args.fp32_linear, args.autocast)[1],
                                "results": results}, indent=2))
     print(json.dumps(results, indent=1))
 

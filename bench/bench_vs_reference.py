@@ -47,8 +47,8 @@ from dit_core.config import load_params  # noqa: E402
 from dit_core.diffs.trainer import init_factors, train_diffs, train_step  # noqa: E402
 from dit_core.interpreter.adapter import InterpreterSpec, build_interpreter, label_example  # noqa: E402
 from dit_core.modeling.lora import DiffModel  # noqa: E402
-from dit_core.modeling.models import (LoadedModel, autocast_decision, compute_context, load_model,  # noqa: E402
-                                      resolve_device_dtype)
+from dit_core.modeling.models import (LoadedModel, autocast_decision, compute_context,  # noqa: E402
+                                      fp32_linear_decision, load_model, resolve_device_dtype)
 from dit_core.modeling.schedule import warmup_cosine  # noqa: E402
 
 aten = torch.ops.aten
@@ -392,6 +392,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="model weights: auto (bf16 on CUDA, fp32 on a CPU)")
     ap.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"])
+    ap.add_argument("--fp32-linear", default="torch", choices=["auto", "torch", "onednn"],
+                    help="kernels of the project's fp32 linears on a CPU (model.fp32_linear); the reference always "
+                    "runs torch's, so the default compares the two on the same kernels")
     ap.add_argument("--T", type=int, default=4, help="diffs trained (one project step trains all of them)")
     ap.add_argument("--steps", type=int, default=3, help="timed diff-training steps")
     ap.add_argument("--recipe-steps", type=int, default=None,
@@ -433,7 +436,8 @@ def main(argv: list[str] | None = None) -> dict:
               "hardware": hardware(device), "matmul_peak_tflops": peaks, "peak_gemm_n": n,
               "params": args.params, "profiles": args.profiles, "overrides": args.overrides,
               "command": "python bench/bench_vs_reference.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    with compute_context(device, args.autocast):
+    report["fp32_linear"] = fp32_linear_decision(device, args.fp32_linear, args.autocast)[1]
+    with compute_context(device, args.autocast, args.fp32_linear):
         if args.only in (None, "diffs"):
             report["diff_generation"] = bench_diffs(lm, dm, ref_model, p.diffs, args, peak, base_bytes)
             print(json.dumps({"diff_generation": report["diff_generation"]}, indent=1), flush=True)

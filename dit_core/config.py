@@ -41,6 +41,10 @@ class ModelConfig(_Section):
         description="bf16 autocast for matmuls (weights stay in dtype); auto: on a CPU only where bf16 is "
         "native (avx512_bf16 or amx_bf16, and ONEDNN_MAX_CPU_ISA not capped below them), never on CUDA (bf16 "
         "weights already)")
+    fp32_linear: Literal["auto", "torch", "onednn"] = Field(
+        description="kernels of the decoder's fp32 linear layers on a CPU (without autocast): torch (its matmul, "
+        "MKL in the x86 wheels), onednn (oneDNN's fp32 kernels, forward and input gradient), or auto: onednn "
+        "where a probe at start-up measures it at least 1.25x faster than torch's (2.2x on AMD EPYC)")
 
     @field_validator("autocast", mode="before")
     @classmethod

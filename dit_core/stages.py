@@ -133,7 +133,7 @@ def make_behavior_data(p: Params, b: Behavior, folder: Path | None = None, id_pr
     lm = load_model(paths.model, p.model.device, p.model.dtype) if b.needs_model(p) else None
     t0 = time.time()
     folder.mkdir(parents=True, exist_ok=True)
-    with compute_context(lm.device if lm else "cpu", p.model.autocast):
+    with compute_context(lm.device if lm else "cpu", p.model.autocast, p.model.fp32_linear):
         stats = b.make_data(p, folder, lm and lm.model, lm and lm.tokenizer, id_prefix or b.id_prefix)
     stats["seconds"] = round(time.time() - t0, 1)
     write_json_atomic(record, made_with)  # last: the commit point of a complete run
@@ -173,7 +173,7 @@ def run_train_interpreter(p: Params, log_metrics=None, dataset: Path | None = No
     dp = data_parallel.current(p.model.device)  # under torchrun: joins the ranks, picks this rank's GPU
     lm = load_model(stage_paths(p).model, p.model.device, p.model.dtype)
     out = interpreter_dir(p)
-    with compute_context(lm.device, p.model.autocast):
+    with compute_context(lm.device, p.model.autocast, p.model.fp32_linear):
         summary = InterpreterRecipe(p, lm, dataset or dataset_dir(p), out, log_metrics=log_metrics).run()
     if not dp.is_main:
         return summary  # rank 0 writes the reports
@@ -200,7 +200,7 @@ def run_evaluate(p: Params, interpreter: str | Path | None = None, dataset: Path
 
     paths = stage_paths(p)
     lm = load_model(paths.model, p.model.device, p.model.dtype)
-    with compute_context(lm.device, p.model.autocast):
+    with compute_context(lm.device, p.model.autocast, p.model.fp32_linear):
         result = evaluate(p, lm, dataset or dataset_dir(p), interpreter or interpreter_dir(p),
                           questions or hidden_topic_questions(p), paths.reports)
     write_resolved_params(p, paths.reports)
@@ -228,7 +228,7 @@ def run_scaling(p: Params, sizes: str | None = None, on_point=None) -> dict:
     size_list = parse_sizes(sizes, n_train) if sizes else None
     lm = load_model(paths.model, p.model.device, p.model.dtype)
     out = scaling_dir(p)
-    with compute_context(lm.device, p.model.autocast):
+    with compute_context(lm.device, p.model.autocast, p.model.fp32_linear):
         points = scaling_curve(p, lm, ds, out, size_list, hidden_topic_questions(p), on_point=on_point)
     write_resolved_params(p, out)
     return {"points": [public(pt) for pt in points],
@@ -251,7 +251,7 @@ def run_cross_behavior(p: Params, on_cell=None) -> dict:
                                 "first (e.g. dit run --profile mixture)")
     lm = load_model(stage_paths(p).model, p.model.device, p.model.dtype)
     out = cross_behavior_dir(p)
-    with compute_context(lm.device, p.model.autocast):
+    with compute_context(lm.device, p.model.autocast, p.model.fp32_linear):
         result = cross_behavior(p, lm, ds, out, hidden_topic_questions(p), on_cell=on_cell)
     write_resolved_params(p, out)
     return result | {"table": (out / "matrix.md").read_text(), "dir": str(out)}
@@ -276,7 +276,7 @@ def run_transfer(p: Params, on_cell=None) -> dict:
     run_download(p)  # the base model (nothing to do when it is there)
     lm = load_model(stage_paths(p).model, p.model.device, p.model.dtype)
     out = transfer_dir(p)
-    with compute_context(lm.device, p.model.autocast):
+    with compute_context(lm.device, p.model.autocast, p.model.fp32_linear):
         result = transfer(p, lm, transfer_data_dir(p), out, on_cell=on_cell)
     write_resolved_params(p, out)
     return result | {"table": (out / "matrix.md").read_text(), "dir": str(out)}

@@ -121,14 +121,16 @@ def _resolved_yaml(params: dict) -> str:
 
 
 def _run_record(params: dict) -> dict[str, str]:
-    """The profile, the commit and the autocast decision, as params any run can be searched by."""
-    from dit_core.modeling.models import autocast_decision, resolve_device_dtype
+    """The profile, the commit and the kernel decisions (autocast, fp32 linears), as params any run can be
+    searched by."""
+    from dit_core.modeling.models import autocast_decision, fp32_linear_decision, resolve_device_dtype
 
-    run = params.get("run") or {}
-    device, _ = resolve_device_dtype(params["model"]["device"], params["model"]["dtype"])
+    run, model = params.get("run") or {}, params["model"]
+    device, _ = resolve_device_dtype(model["device"], model["dtype"])
     return {"profile": "+".join(run.get("profiles") or []) or "(none)",
             "git_commit": str(run.get("git_commit")),
-            "autocast.decision": autocast_decision(device, params["model"]["autocast"])[1][:500]}
+            "autocast.decision": autocast_decision(device, model["autocast"])[1][:500],
+            "fp32_linear.decision": fp32_linear_decision(device, model["fp32_linear"], model["autocast"])[1][:500]}
 
 
 @contextmanager

@@ -120,7 +120,7 @@ def test_a_profile_run_logs_its_resolved_params(tiny_model_dir, tmp_path, mlflow
     for r in runs:
         assert r.data.params["profile"] == str(profile)
         assert r.data.params["git_commit"] == params.run.git_commit
-        assert "autocast.decision" in r.data.params
+        assert "autocast.decision" in r.data.params and "fp32_linear.decision" in r.data.params
         logged = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{r.info.run_id}/params.resolved.yaml"))
         assert logged["eval"]["seed"] == 3 and logged["run"]["profiles"] == [str(profile)]
     beside = yaml.safe_load((tmp_path / "reports" / "params.resolved.yaml").read_text())

@@ -132,3 +132,80 @@ def test_without_cpuinfo_only_an_amx_capability_counts(tmp_path, monkeypatch):
     assert models.native_bf16_flags() == []
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AMX")
     assert models.native_bf16_flags() == ["AMX"]
+
+
+def test_fp32_linear_decision_follows_the_measured_speedup(monkeypatch):
+    """auto takes oneDNN's fp32 linears only where the probe measured them 1.25x faster; explicit settings,
+    autocast and CUDA are obeyed; a missing op is an error only when asked for by name."""
+    from dit_core.modeling import lora, models
+
+    monkeypatch.setattr(models, "onednn_fp32_speedup", lambda: (2.2, "probe 2.2x"))
+    assert models.fp32_linear_decision("cpu", "auto", "off") == (True, "onednn: probe 2.2x")
+    assert models.fp32_linear_decision("cpu", "torch", "off")[0] is False
+    assert models.fp32_linear_decision("cpu", "auto", "bf16")[0] is False  # bf16 autocast: no fp32 linears
+    assert models.fp32_linear_decision("cuda", "onednn", "off")[0] is False
+    with models.compute_context("cpu", "off", "auto"):
+        assert lora._ONEDNN_FP32
+    assert not lora._ONEDNN_FP32
+    with models.compute_context("cpu", "off", "torch"):
+        assert not lora._ONEDNN_FP32
+
+    monkeypatch.setattr(models, "onednn_fp32_speedup", lambda: (1.1, "probe 1.1x"))
+    use, why = models.fp32_linear_decision("cpu", "auto", "off")
+    assert not use and "not 1.25x faster" in why
+    assert models.fp32_linear_decision("cpu", "onednn", "off")[0] is True
+
+    monkeypatch.setattr(models, "onednn_fp32_speedup", lambda: (None, "no op"))
+    assert models.fp32_linear_decision("cpu", "auto", "off") == (False, "torch: no op")
+    with pytest.raises(ModelSourceError, match="model.fp32_linear=onednn, but no op"):
+        models.fp32_linear_decision("cpu", "onednn", "off")
+
+
+def test_onednn_probe_measures_both_kernels_on_the_same_product():
+    from dit_core.modeling.models import onednn_fp32_speedup
+
+    ratio, seen = onednn_fp32_speedup(rows=64, width=128, repeats=2)
+    assert ratio is not None and ratio > 0, seen
+    assert "64x128 @ 128x128" in seen and "torch" in seen and "oneDNN" in seen
+
+
+def test_onednn_fp32_linears_give_torch_outputs_and_gradients(tiny_model_dir):
+    """The same forward and input gradients through oneDNN's kernels as through torch's, with the frozen
+    base layers taking the oneDNN path (counted), diffs and adapter unchanged; none under autocast."""
+    from dit_core.modeling import lora
+    from dit_core.modeling.lora import DiffModel
+
+    dm = DiffModel(load_model(tiny_model_dir, "cpu", "float32").model)
+    g = torch.Generator().manual_seed(0)
+    shapes = dm.shapes()
+    A = {k: (torch.randn(2, 1, o, generator=g) * 0.1).requires_grad_() for k, (i, o) in shapes.items()}
+    B = {k: (torch.randn(2, i, 1, generator=g) * 0.1).requires_grad_() for k, (i, o) in shapes.items()}
+    dm.set_diffs(A, B, row_index=torch.tensor([0, 1, 1]))
+    ids = torch.randint(3, 400, (3, 9), generator=g)
+    calls = []
+    real = lora._OneDnnFrozenLinear.forward
+    monkey = staticmethod(lambda ctx, x, w, b: calls.append(1) or real(ctx, x, w, b))
+
+    def run():
+        out = dm.model(input_ids=ids).logits
+        out.square().mean().backward()
+        grads = [A[k].grad.clone() for k in A] + [B[k].grad.clone() for k in B]
+        for t in list(A.values()) + list(B.values()):
+            t.grad = None
+        return out.detach(), grads
+
+    ref, gref = run()
+    lora._OneDnnFrozenLinear.forward = monkey
+    try:
+        with lora.onednn_fp32_linears():
+            got, ggot = run()
+            n = len(calls)
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+                dm.model(input_ids=ids)
+    finally:
+        lora._OneDnnFrozenLinear.forward = real
+    # every wrapped layer once (the lm_head of a plain forward is not a DiffLinear); none under autocast
+    assert n == len(shapes) == len(calls)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ggot, gref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

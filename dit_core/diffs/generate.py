@@ -116,7 +116,7 @@ def train_shard(p: Params, lm: LoadedModel, behavior_dir: str | Path, out_dir: s
     tasks, checks = behavior.tasks(p, lm.tokenizer, behavior_dir, specs, ids)
     t1 = time.perf_counter()
     rank, scale = stored_rank_scale(cfg)
-    with compute_context(lm.device, p.model.autocast):
+    with compute_context(lm.device, p.model.autocast, p.model.fp32_linear):
         if cfg.mode == "full":  # dense deltas, reduced to the stored factors before the check
             result = train_full_diffs(dm, tasks, cfg, lm.tokenizer.pad_token_id)
         elif cfg.mode == "peft":  # one PEFT adapter per diff, saved and imported as a user's

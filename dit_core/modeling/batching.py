@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_core.modeling.chat import chat_prompt, encode_prompt, inference_batch
-from dit_core.modeling.lora import DiffModel
+from dit_core.modeling.lora import DiffModel, frozen_linear
 
 
 @dataclass
@@ -200,7 +200,7 @@ def answer_logits(model, batch: Batch, prefix: SharedPrefix | None = None) -> to
             hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=True,
                                       **{prefix.cache_kwarg: prefix.cache_for(batch.row_index)})[0]
     sel = hidden[batch.tok_row, batch.tok_pos]  # (n, h)
-    return model.get_output_embeddings()(sel).float()  # (n, V)
+    return frozen_linear(model.get_output_embeddings(), sel).float()  # (n, V)
 
 
 # A shared prefix shorter than this many tokens is not worth its own forward.

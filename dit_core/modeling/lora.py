@@ -24,6 +24,51 @@ from torch import nn
 CONVENTION = "delta_W[out,in] = (B[in,r] @ A[r,out]).T * scale; y = x W^T + ((x @ B) @ A) * scale"
 
 
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ bias) by oneDNN's kernels (the op torch's inductor uses for CPU linears)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDnnFrozenLinear(torch.autograd.Function):
+    """A frozen fp32 linear through oneDNN, forward and input gradient (the weight takes none)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return onednn_linear(grad.contiguous(), weight.t()), None, None  # grad @ W, from a transposed view
+
+
+_ONEDNN_FP32 = False  # set inside `onednn_fp32_linears()`
+
+
+def frozen_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), through oneDNN inside `onednn_fp32_linears()` where that applies: a plain nn.Linear whose
+    fp32 weight takes no gradient, on a CPU, outside autocast."""
+    weight = getattr(layer, "weight", None)
+    if (_ONEDNN_FP32 and type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and not weight.requires_grad and not torch.is_autocast_enabled("cpu")):
+        return _OneDnnFrozenLinear.apply(x, weight, layer.bias)
+    return layer(x)
+
+
+@contextmanager
+def onednn_fp32_linears(enabled: bool = True) -> Iterator[None]:
+    """Inside: the frozen fp32 linears of training and scoring forwards (every DiffLinear's base layer, the
+    answer positions' lm_head) run on oneDNN's kernels on a CPU, outside autocast
+    (dit_core.modeling.models.fp32_linear_decision says where that is faster)."""
+    global _ONEDNN_FP32
+    before, _ONEDNN_FP32 = _ONEDNN_FP32, enabled
+    try:
+        yield
+    finally:
+        _ONEDNN_FP32 = before
+
+
 class DiffLinear(nn.Module):
     """A frozen linear layer, plus per-row diffs (switchable) and an optional shared adapter."""
 
@@ -45,13 +90,16 @@ class DiffLinear(nn.Module):
         self.adapter_enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)  # (b, s, out)
+        y = self._base(x)  # (b, s, out)
         if self.diffs_enabled and self.diff_A is not None:
             y = y + self._diff_delta(x)
         if self.adapter_enabled and self.adapter_A is not None:
             h = x @ self.adapter_B.to(x.dtype)  # (b, s, r)
             y = y + (h @ self.adapter_A.to(x.dtype)) * self.adapter_scale
         return y
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_linear(self.base_layer, x)
 
     def _diff_delta(self, x: torch.Tensor) -> torch.Tensor:
         A, B, scale = self.diff_A, self.diff_B, self.diff_scale

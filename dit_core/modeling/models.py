@@ -6,6 +6,7 @@ safetensors, the tokenizer and `dit_source.json` (where it came from and the wei
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -92,12 +93,79 @@ def autocast_decision(device: torch.device | str, autocast: str = "auto") -> tup
                    "and ~3x slower than fp32")
 
 
-def compute_context(device: torch.device | str, autocast: str = "auto"):
-    """Autocast context for a model's matmuls: bf16 where `autocast_decision` says so, else nothing."""
+# How much faster oneDNN's fp32 linear must measure than torch's matmul for `fp32_linear: auto` to take it.
+ONEDNN_FP32_MIN_SPEEDUP = 1.25
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_fp32_speedup(rows: int = 512, width: int = 1024, repeats: int = 5) -> tuple[float | None, str]:
+    """oneDNN's fp32 linear against torch's matmul on one (rows, width) x (width, width) product, both
+    measured here (best of `repeats`, taking turns), once per process: (speedup, what was seen). None
+    where oneDNN's op is missing or gives another result."""
+    import time
+
+    from dit_core.modeling.lora import onednn_linear
+
+    if not torch.backends.mkldnn.is_available():
+        return None, "this torch has no oneDNN"
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, width, generator=g), torch.randn(width, width, generator=g) / width ** 0.5
+    try:
+        with torch.no_grad():
+            same = torch.allclose(onednn_linear(x, w), x @ w.t(), rtol=1e-4, atol=1e-4)
+    except (AttributeError, RuntimeError) as e:
+        return None, f"oneDNN's linear op is not usable here ({type(e).__name__}: {str(e)[:120]})"
+    if not same:
+        return None, "oneDNN's linear op gave another result than torch's matmul"
+    best = {"torch": float("inf"), "onednn": float("inf")}
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first round warms both up
+            for name, fn in (("torch", lambda: x @ w.t()), ("onednn", lambda: onednn_linear(x, w))):
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t0)
+    ratio = best["torch"] / best["onednn"]
+    return ratio, (f"a {rows}x{width} @ {width}x{width} fp32 product: torch {best['torch'] * 1e3:.2f} ms, "
+                   f"oneDNN {best['onednn'] * 1e3:.2f} ms ({ratio:.2f}x)")
+
+
+def fp32_linear_decision(device: torch.device | str, fp32_linear: str = "auto", autocast: str = "auto"
+                         ) -> tuple[bool, str]:
+    """Whether the decoder's frozen fp32 linears run on oneDNN's kernels, and why (logged with every run).
+
+    torch's x86 wheels multiply fp32 matrices with MKL, which on AMD CPUs takes a slower path than its
+    own on Intel: oneDNN's fp32 kernels measured 2.2x faster on AMD EPYC (docs/benchmarks.md).
+    """
+    dev = torch.device(device).type
+    if dev != "cpu":
+        return False, f"torch on {dev}"
+    if autocast_decision(device, autocast)[0]:
+        return False, "torch: the linears run under bf16 autocast"
+    if fp32_linear == "torch":
+        return False, "torch (model.fp32_linear=torch)"
+    ratio, seen = onednn_fp32_speedup()
+    if fp32_linear == "onednn":
+        if ratio is None:
+            raise ModelSourceError(f"model.fp32_linear=onednn, but {seen}; set model.fp32_linear=torch or auto")
+        return True, f"onednn (model.fp32_linear=onednn): {seen}"
+    if ratio is None:
+        return False, f"torch: {seen}"
+    if ratio >= ONEDNN_FP32_MIN_SPEEDUP:
+        return True, f"onednn: {seen}"
+    return False, f"torch: oneDNN is not {ONEDNN_FP32_MIN_SPEEDUP}x faster here ({seen})"
+
+
+def compute_context(device: torch.device | str, autocast: str = "auto", fp32_linear: str = "auto"):
+    """The context a model's matmuls run in: bf16 autocast where `autocast_decision` says so; otherwise,
+    on a CPU, oneDNN's fp32 linears where `fp32_linear_decision` says so; else nothing."""
     import contextlib
 
     use, _ = autocast_decision(device, autocast)
     if not use:
+        if fp32_linear_decision(device, fp32_linear, autocast)[0]:
+            from dit_core.modeling.lora import onednn_fp32_linears
+
+            return onednn_fp32_linears()
         return contextlib.nullcontext()
     # cache_enabled=False: autocast otherwise caches the bf16 copy of every leaf tensor that requires
     # grad (the diff factors, the interpreter adapter) until the region ends, so a training loop inside
