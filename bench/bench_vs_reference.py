@@ -46,7 +46,7 @@ from reference import ReferenceInterpreter, planned_rows, reference_train_diffs 
 from dit_core.config import load_params  # noqa: E402
 from dit_core.diffs.trainer import init_factors, train_diffs, train_step  # noqa: E402
 from dit_core.interpreter.adapter import InterpreterSpec, build_interpreter, label_example  # noqa: E402
-from dit_core.modeling.lora import DiffModel  # noqa: E402
+from dit_core.modeling.lora import DiffModel, onednn_fp32_linears, onednn_linear, route_linears  # noqa: E402
 from dit_core.modeling.models import (LoadedModel, autocast_decision, compute_context,  # noqa: E402
                                       fp32_linear_decision, load_model, resolve_device_dtype)
 from dit_core.modeling.schedule import warmup_cosine  # noqa: E402
@@ -78,10 +78,11 @@ CPU_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash,
 
 
 def count_flops(fn) -> int:
-    """FLOPs of the matmuls and attention `fn()` runs (forward and backward), by torch's FLOP counter."""
+    """FLOPs of the matmuls and attention `fn()` runs (forward and backward), by torch's FLOP counter
+    (on torch's kernels, which it knows: oneDNN's fp32 linears do the same products)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter, onednn_fp32_linears(False):
         fn()
     return int(counter.get_total_flops())
 
@@ -91,17 +92,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
-    """Best TFLOP/s of an n x n x n GEMM in `dtype` on `device` over `repeats` runs (after a warm-up)."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5, onednn: bool = False) -> float:
+    """Best TFLOP/s of an n x n x n GEMM in `dtype` on `device` over `repeats` runs (after a warm-up);
+    `onednn`: by oneDNN's linear (the kernels fp32 linears run on under model.fp32_linear=onednn)."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device, dtype)
     b = torch.randn(n, n, generator=g).to(device, dtype)
-    a @ b
+    product = (lambda: onednn_linear(a, b)) if onednn else (lambda: a @ b)
+    product()
     sync(device)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a @ b
+        product()
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e12
@@ -392,9 +395,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="model weights: auto (bf16 on CUDA, fp32 on a CPU)")
     ap.add_argument("--autocast", default="auto", choices=["auto", "bf16", "off"])
-    ap.add_argument("--fp32-linear", default="torch", choices=["auto", "torch", "onednn"],
-                    help="kernels of the project's fp32 linears on a CPU (model.fp32_linear); the reference always "
-                    "runs torch's, so the default compares the two on the same kernels")
+    ap.add_argument("--fp32-linear", default="auto", choices=["auto", "torch", "onednn"],
+                    help="kernels of fp32 linears on a CPU, as model.fp32_linear (both paths: the reference's copy "
+                    "of the model has the same linears)")
     ap.add_argument("--T", type=int, default=4, help="diffs trained (one project step trains all of them)")
     ap.add_argument("--steps", type=int, default=3, help="timed diff-training steps")
     ap.add_argument("--recipe-steps", type=int, default=None,
@@ -424,11 +427,13 @@ def main(argv: list[str] | None = None) -> dict:
     compute_dtype = torch.bfloat16 if use_bf16 or weight_dtype == torch.bfloat16 else weight_dtype
     n = args.peak_n or (8192 if device.type == "cuda" else 2048)
     note(f"matmul peak: {n} x {n} GEMMs")
-    peaks = {str(compute_dtype).replace("torch.", ""): round(matmul_peak(device, compute_dtype, n), 4)}
+    onednn, _ = fp32_linear_decision(device, args.fp32_linear, args.autocast)
+    peaks = {str(compute_dtype).replace("torch.", ""): round(matmul_peak(device, compute_dtype, n, onednn=onednn), 4)}
     if device.type == "cpu" and compute_dtype != torch.float32:
         peaks["float32"] = round(matmul_peak(device, torch.float32, n), 4)
     peak = peaks[str(compute_dtype).replace("torch.", "")]
     base_bytes = sum(t.numel() * t.element_size() for t in lm.model.state_dict().values())
+    route_linears(lm.model)  # as load_model does on a CPU, before the copy: both paths run the same kernels
     ref_model = copy.deepcopy(lm.model)  # the reference's own copy of the base model, never wrapped
     dm = DiffModel(lm.model, p.diffs.modules)
     report = {"date": date.today().isoformat(), "model": args.shape or args.model, "device": str(device),

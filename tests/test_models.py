@@ -170,12 +170,19 @@ def test_onednn_probe_measures_both_kernels_on_the_same_product():
 
 
 def test_onednn_fp32_linears_give_torch_outputs_and_gradients(tiny_model_dir):
-    """The same forward and input gradients through oneDNN's kernels as through torch's, with the frozen
-    base layers taking the oneDNN path (counted), diffs and adapter unchanged; none under autocast."""
-    from dit_core.modeling import lora
-    from dit_core.modeling.lora import DiffModel
+    """The same forward and input gradients through oneDNN's kernels as through torch's, with every frozen
+    linear of the loaded model (decoder and lm_head) taking the oneDNN path (counted); none under autocast.
+    Routing changes no parameter or state-dict key."""
+    from transformers import AutoModelForCausalLM
 
-    dm = DiffModel(load_model(tiny_model_dir, "cpu", "float32").model)
+    from dit_core.modeling import lora
+    from dit_core.modeling.lora import DiffModel, RoutedLinear
+
+    model = load_model(tiny_model_dir, "cpu", "float32").model
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert type(model.lm_head) is RoutedLinear and type(plain.lm_head) is torch.nn.Linear
+    assert list(model.state_dict()) == list(plain.state_dict())
+    dm = DiffModel(model)
     g = torch.Generator().manual_seed(0)
     shapes = dm.shapes()
     A = {k: (torch.randn(2, 1, o, generator=g) * 0.1).requires_grad_() for k, (i, o) in shapes.items()}
@@ -204,8 +211,7 @@ def test_onednn_fp32_linears_give_torch_outputs_and_gradients(tiny_model_dir):
                 dm.model(input_ids=ids)
     finally:
         lora._OneDnnFrozenLinear.forward = real
-    # every wrapped layer once (the lm_head of a plain forward is not a DiffLinear); none under autocast
-    assert n == len(shapes) == len(calls)
+    assert n == len(shapes) + 1 == len(calls)  # every wrapped layer and the lm_head once; none under autocast
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(ggot, gref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)

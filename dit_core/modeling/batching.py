@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dit_core.modeling.chat import chat_prompt, encode_prompt, inference_batch
-from dit_core.modeling.lora import DiffModel, frozen_linear
+from dit_core.modeling.lora import DiffModel
 
 
 @dataclass
@@ -200,7 +200,7 @@ def answer_logits(model, batch: Batch, prefix: SharedPrefix | None = None) -> to
             hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=True,
                                       **{prefix.cache_kwarg: prefix.cache_for(batch.row_index)})[0]
     sel = hidden[batch.tok_row, batch.tok_pos]  # (n, h)
-    return frozen_linear(model.get_output_embeddings(), sel).float()  # (n, V)
+    return model.get_output_embeddings()(sel).float()  # (n, V)
 
 
 # A shared prefix shorter than this many tokens is not worth its own forward.
@@ -247,7 +247,10 @@ class SharedPrefix:
         cache = DynamicCache()
         with attention_kernel(device, batch.shape):
             dm.model.base_model(input_ids=batch, use_cache=True, **{cache_kwarg: cache})
-        self.roots = [t for layer in cache.layers for t in (layer.keys, layer.values)]  # (n_diffs, kv heads, P, d)
+        # (n_diffs, kv heads, P, d) per layer; `layers` since transformers 4.56, key_cache/value_cache before
+        pairs = ([(layer.keys, layer.values) for layer in cache.layers] if hasattr(cache, "layers")
+                 else list(zip(cache.key_cache, cache.value_cache)))
+        self.roots = [t for pair in pairs for t in pair]
         grad = torch.is_grad_enabled()
         self.leaves = [t.detach().requires_grad_() if grad else t for t in self.roots]
 

@@ -46,20 +46,33 @@ class _OneDnnFrozenLinear(torch.autograd.Function):
 _ONEDNN_FP32 = False  # set inside `onednn_fp32_linears()`
 
 
-def frozen_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """layer(x), through oneDNN inside `onednn_fp32_linears()` where that applies: a plain nn.Linear whose
-    fp32 weight takes no gradient, on a CPU, outside autocast."""
-    weight = getattr(layer, "weight", None)
-    if (_ONEDNN_FP32 and type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and not weight.requires_grad and not torch.is_autocast_enabled("cpu")):
-        return _OneDnnFrozenLinear.apply(x, weight, layer.bias)
-    return layer(x)
+class RoutedLinear(nn.Linear):
+    """An nn.Linear that runs on oneDNN's kernels inside `onednn_fp32_linears()` when its fp32 weight takes
+    no gradient, on a CPU, outside autocast and torch.compile (whose CPU backend chooses its own kernels);
+    everywhere else exactly nn.Linear. `route_linears` turns a model's nn.Linear layers into these in place
+    (same parameters, same state dict)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (_ONEDNN_FP32 and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+                and not w.requires_grad and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling()):
+            return _OneDnnFrozenLinear.apply(x, w, self.bias)
+        return super().forward(x)
+
+
+def route_linears(model: nn.Module) -> nn.Module:
+    """Make every plain nn.Linear of `model` (decoder projections, lm_head) a RoutedLinear, in place."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = RoutedLinear
+    return model
 
 
 @contextmanager
 def onednn_fp32_linears(enabled: bool = True) -> Iterator[None]:
-    """Inside: the frozen fp32 linears of training and scoring forwards (every DiffLinear's base layer, the
-    answer positions' lm_head) run on oneDNN's kernels on a CPU, outside autocast
+    """Inside: every RoutedLinear (all linears of a model from `load_model` or wrapped by DiffModel) with a
+    frozen fp32 weight runs on oneDNN's kernels on a CPU, outside autocast
     (dit_core.modeling.models.fp32_linear_decision says where that is faster)."""
     global _ONEDNN_FP32
     before, _ONEDNN_FP32 = _ONEDNN_FP32, enabled
@@ -90,16 +103,13 @@ class DiffLinear(nn.Module):
         self.adapter_enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._base(x)  # (b, s, out)
+        y = self.base_layer(x)  # (b, s, out)
         if self.diffs_enabled and self.diff_A is not None:
             y = y + self._diff_delta(x)
         if self.adapter_enabled and self.adapter_A is not None:
             h = x @ self.adapter_B.to(x.dtype)  # (b, s, r)
             y = y + (h @ self.adapter_A.to(x.dtype)) * self.adapter_scale
         return y
-
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        return frozen_linear(self.base_layer, x)
 
     def _diff_delta(self, x: torch.Tensor) -> torch.Tensor:
         A, B, scale = self.diff_A, self.diff_B, self.diff_scale
@@ -208,7 +218,7 @@ class DiffModel:
     """
 
     def __init__(self, model: nn.Module, pattern: str = r".*"):
-        self.model = model
+        self.model = route_linears(model)
         self.names = linear_module_names(model, pattern)
         if not self.names:
             raise ValueError(unwrappable_reason(model, pattern))

@@ -369,6 +369,10 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> L
             "rerun `dit stage download`."
         ) from e
     model.to(dev).eval()
+    if dev.type == "cpu":
+        from dit_core.modeling.lora import route_linears
+
+        route_linears(model)  # oneDNN's fp32 kernels inside compute_context where they are faster
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     marker = path / SOURCE_FILE
