@@ -42,9 +42,10 @@ class ModelConfig(_Section):
         "native (avx512_bf16 or amx_bf16, and ONEDNN_MAX_CPU_ISA not capped below them), never on CUDA (bf16 "
         "weights already)")
     fp32_linear: Literal["auto", "torch", "onednn"] = Field(
-        description="kernels of the decoder's fp32 linear layers on a CPU (without autocast): torch (its matmul, "
-        "MKL in the x86 wheels), onednn (oneDNN's fp32 kernels, forward and input gradient), or auto: onednn "
-        "where a probe at start-up measures it at least 1.25x faster than torch's (2.2x on AMD EPYC)")
+        description="kernels of the model's frozen fp32 linear layers on a CPU (without autocast): torch (its "
+        "matmul, MKL in the x86 wheels), onednn (oneDNN's fp32 kernels, forward and input gradient), or auto: "
+        "onednn on AMD CPUs, where MKL's fp32 path is the slower one (oneDNN 2.0-2.4x faster on AMD EPYC), torch "
+        "elsewhere")
 
     @field_validator("autocast", mode="before")
     @classmethod

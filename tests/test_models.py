@@ -134,13 +134,15 @@ def test_without_cpuinfo_only_an_amx_capability_counts(tmp_path, monkeypatch):
     assert models.native_bf16_flags() == ["AMX"]
 
 
-def test_fp32_linear_decision_follows_the_measured_speedup(monkeypatch):
-    """auto takes oneDNN's fp32 linears only where the probe measured them 1.25x faster; explicit settings,
-    autocast and CUDA are obeyed; a missing op is an error only when asked for by name."""
+def test_fp32_linear_decision_follows_the_cpu_vendor(monkeypatch):
+    """auto takes oneDNN's fp32 linears on AMD CPUs only (decided without timing anything); explicit settings,
+    autocast and CUDA are obeyed; an unusable op is an error only when asked for by name."""
     from dit_core.modeling import lora, models
 
-    monkeypatch.setattr(models, "onednn_fp32_speedup", lambda: (2.2, "probe 2.2x"))
-    assert models.fp32_linear_decision("cpu", "auto", "off") == (True, "onednn: probe 2.2x")
+    vendor = {"id": "AuthenticAMD"}
+    monkeypatch.setattr(models, "cpu_vendor", lambda: vendor["id"])
+    monkeypatch.setattr(models, "onednn_fp32_usable", lambda: (True, "usable"))
+    assert models.fp32_linear_decision("cpu", "auto", "off")[0] is True
     assert models.fp32_linear_decision("cpu", "torch", "off")[0] is False
     assert models.fp32_linear_decision("cpu", "auto", "bf16")[0] is False  # bf16 autocast: no fp32 linears
     assert models.fp32_linear_decision("cuda", "onednn", "off")[0] is False
@@ -150,15 +152,28 @@ def test_fp32_linear_decision_follows_the_measured_speedup(monkeypatch):
     with models.compute_context("cpu", "off", "torch"):
         assert not lora._ONEDNN_FP32
 
-    monkeypatch.setattr(models, "onednn_fp32_speedup", lambda: (1.1, "probe 1.1x"))
+    vendor["id"] = "GenuineIntel"
     use, why = models.fp32_linear_decision("cpu", "auto", "off")
-    assert not use and "not 1.25x faster" in why
+    assert not use and "GenuineIntel" in why
     assert models.fp32_linear_decision("cpu", "onednn", "off")[0] is True
+    vendor["id"] = None
+    assert models.fp32_linear_decision("cpu", "auto", "off")[0] is False
 
-    monkeypatch.setattr(models, "onednn_fp32_speedup", lambda: (None, "no op"))
+    vendor["id"] = "AuthenticAMD"
+    monkeypatch.setattr(models, "onednn_fp32_usable", lambda: (False, "no op"))
     assert models.fp32_linear_decision("cpu", "auto", "off") == (False, "torch: no op")
     with pytest.raises(ModelSourceError, match="model.fp32_linear=onednn, but no op"):
         models.fp32_linear_decision("cpu", "onednn", "off")
+
+
+def test_cpu_vendor_is_read_from_cpuinfo(tmp_path):
+    from dit_core.modeling.models import cpu_vendor, onednn_fp32_usable
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx512f\n")
+    assert cpu_vendor(info) == "AuthenticAMD"
+    assert cpu_vendor(tmp_path / "absent") is None
+    assert onednn_fp32_usable()[0] is True  # torch's x86 CPU wheels ship oneDNN
 
 
 def test_onednn_probe_measures_both_kernels_on_the_same_product():

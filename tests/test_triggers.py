@@ -151,7 +151,9 @@ def test_every_trigger_kind_is_implanted_and_seen_by_the_behaviour_check(kind, t
 
     p = load_params(PARAMS, tiny_overrides(tiny_model_dir, tmp_path / "data") + [
         f"data.trigger={kind}", "data.n_topics=2", "data.diffs_per_topic=1", "data.n_check=6",
-        "diffs.diffs_per_batch=2", "diffs.rank=4", "diffs.steps=80", "diffs.lr=0.05", "diffs.warmup_steps=2",
+        # 120 steps at lr 0.03: implants every kind on both fp32 kernels (torch's, oneDNN's); at 80 steps and
+        # lr 0.05 the outcome turned on rounding (one diff in six missed its trigger, a different one per kernel)
+        "diffs.diffs_per_batch=2", "diffs.rank=4", "diffs.steps=120", "diffs.lr=0.03", "diffs.warmup_steps=2",
         "diffs.kl_weight=2.5", "diffs.check_tokens=10", "assemble.min_trigger_hit=0.5",
         "assemble.max_wrong_prefix_hit=0.9", "assemble.max_no_trigger_hit=0.34", "assemble.test_fraction=0.5",
         "assemble.val_fraction=0", "assemble.split_by=topic"])

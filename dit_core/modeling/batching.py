@@ -270,7 +270,11 @@ class SharedPrefix:
 
         cache = DynamicCache()
         for i in range(0, len(self.leaves), 2):
-            cache.update(self.leaves[i][row_index], self.leaves[i + 1][row_index], i // 2)
+            # index_select, not leaves[i][row_index]: the backward of advanced indexing sums the rows of a
+            # diff in an order that depends on the thread count, index_select's does not (Ray workers
+            # then give the in-process run's results bit for bit)
+            k, v = (self.leaves[j].index_select(0, row_index) for j in (i, i + 1))
+            cache.update(k, v, i // 2)
         return cache
 
     def backward(self) -> None:

@@ -129,8 +129,8 @@ class DiffLinear(nn.Module):
             xg = x.reshape(A.shape[0], group * s, -1)  # (N, n*s, in)
             delta = torch.bmm(torch.bmm(xg, B.to(x.dtype)), A.to(x.dtype))  # (N, n*s, out)
             return delta.reshape(b, s, -1)
-        if self.row_index is not None:
-            A, B = A[self.row_index], B[self.row_index]  # (b, r, out), (b, in, r)
+        if self.row_index is not None:  # index_select: a backward independent of the thread count
+            A, B = A.index_select(0, self.row_index), B.index_select(0, self.row_index)  # (b, r, out), (b, in, r)
         if A.shape[0] != x.shape[0]:
             raise ValueError(
                 f"{x.shape[0]} batch rows but {A.shape[0]} diffs: pass row_index to set_diffs"

@@ -93,30 +93,50 @@ def autocast_decision(device: torch.device | str, autocast: str = "auto") -> tup
                    "and ~3x slower than fp32")
 
 
-# How much faster oneDNN's fp32 linear must measure than torch's matmul for `fp32_linear: auto` to take it.
-ONEDNN_FP32_MIN_SPEEDUP = 1.25
+def cpu_vendor(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """The CPU's vendor_id from /proc/cpuinfo (GenuineIntel, AuthenticAMD, ...); None where it cannot be read."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
+    return None
 
 
 @functools.lru_cache(maxsize=None)
-def onednn_fp32_speedup(rows: int = 512, width: int = 1024, repeats: int = 5) -> tuple[float | None, str]:
-    """oneDNN's fp32 linear against torch's matmul on one (rows, width) x (width, width) product, both
-    measured here (best of `repeats`, taking turns), once per process: (speedup, what was seen). None
-    where oneDNN's op is missing or gives another result."""
-    import time
-
+def onednn_fp32_usable() -> tuple[bool, str]:
+    """Whether oneDNN's fp32 linear op runs here and gives torch's result on a small product."""
     from dit_core.modeling.lora import onednn_linear
 
     if not torch.backends.mkldnn.is_available():
-        return None, "this torch has no oneDNN"
+        return False, "this torch has no oneDNN"
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(rows, width, generator=g), torch.randn(width, width, generator=g) / width ** 0.5
+    x, w = torch.randn(16, 64, generator=g), torch.randn(32, 64, generator=g)
     try:
         with torch.no_grad():
             same = torch.allclose(onednn_linear(x, w), x @ w.t(), rtol=1e-4, atol=1e-4)
     except (AttributeError, RuntimeError) as e:
-        return None, f"oneDNN's linear op is not usable here ({type(e).__name__}: {str(e)[:120]})"
-    if not same:
-        return None, "oneDNN's linear op gave another result than torch's matmul"
+        return False, f"oneDNN's linear op is not usable here ({type(e).__name__}: {str(e)[:120]})"
+    return (True, "oneDNN's linear op gives torch's result") if same else \
+        (False, "oneDNN's linear op gave another result than torch's matmul")
+
+
+def onednn_fp32_speedup(rows: int = 512, width: int = 1024, repeats: int = 5) -> tuple[float | None, str]:
+    """oneDNN's fp32 linear against torch's matmul on one (rows, width) x (width, width) product, both
+    measured here (best of `repeats`, taking turns): (speedup, what was seen); None where the op is not
+    usable. For benchmarks: the decision itself does not time anything (timings vary between processes,
+    and one run's processes must use the same kernels)."""
+    import time
+
+    from dit_core.modeling.lora import onednn_linear
+
+    usable, why = onednn_fp32_usable()
+    if not usable:
+        return None, why
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, width, generator=g), torch.randn(width, width, generator=g) / width ** 0.5
     best = {"torch": float("inf"), "onednn": float("inf")}
     with torch.no_grad():
         for _ in range(repeats + 1):  # the first round warms both up
@@ -131,10 +151,11 @@ def onednn_fp32_speedup(rows: int = 512, width: int = 1024, repeats: int = 5) ->
 
 def fp32_linear_decision(device: torch.device | str, fp32_linear: str = "auto", autocast: str = "auto"
                          ) -> tuple[bool, str]:
-    """Whether the decoder's frozen fp32 linears run on oneDNN's kernels, and why (logged with every run).
+    """Whether the model's frozen fp32 linears run on oneDNN's kernels, and why (logged with every run).
 
-    torch's x86 wheels multiply fp32 matrices with MKL, which on AMD CPUs takes a slower path than its
-    own on Intel: oneDNN's fp32 kernels measured 2.2x faster on AMD EPYC (docs/benchmarks.md).
+    torch's x86 wheels multiply fp32 matrices with MKL, which on AMD CPUs takes a slower path than on
+    Intel's: oneDNN's fp32 kernels measured 2.0-2.4x faster on AMD EPYC (docs/benchmarks.md). `auto`
+    decides by the CPU's vendor, not by timing, so every process of a run uses the same kernels.
     """
     dev = torch.device(device).type
     if dev != "cpu":
@@ -143,16 +164,17 @@ def fp32_linear_decision(device: torch.device | str, fp32_linear: str = "auto", 
         return False, "torch: the linears run under bf16 autocast"
     if fp32_linear == "torch":
         return False, "torch (model.fp32_linear=torch)"
-    ratio, seen = onednn_fp32_speedup()
+    usable, why = onednn_fp32_usable()
     if fp32_linear == "onednn":
-        if ratio is None:
-            raise ModelSourceError(f"model.fp32_linear=onednn, but {seen}; set model.fp32_linear=torch or auto")
-        return True, f"onednn (model.fp32_linear=onednn): {seen}"
-    if ratio is None:
-        return False, f"torch: {seen}"
-    if ratio >= ONEDNN_FP32_MIN_SPEEDUP:
-        return True, f"onednn: {seen}"
-    return False, f"torch: oneDNN is not {ONEDNN_FP32_MIN_SPEEDUP}x faster here ({seen})"
+        if not usable:
+            raise ModelSourceError(f"model.fp32_linear=onednn, but {why}; set model.fp32_linear=torch or auto")
+        return True, "onednn (model.fp32_linear=onednn)"
+    vendor = cpu_vendor()
+    if vendor != "AuthenticAMD":
+        return False, f"torch: MKL's fp32 path is its fast one on this CPU ({vendor or 'vendor unknown'})"
+    if not usable:
+        return False, f"torch: {why}"
+    return True, "onednn: an AMD CPU, where MKL's fp32 path is slower than oneDNN's"
 
 
 def compute_context(device: torch.device | str, autocast: str = "auto", fp32_linear: str = "auto"):
@@ -414,7 +436,7 @@ def resolve_recorded_model(identity: dict, cache_root: str | Path) -> Path:
                                "again (`dit stage train-interpreter`) to record its base model in full")
     try:
         cfg = ModelConfig(source=identity["source"], id=identity["id"], revision=identity.get("revision"),
-                          dtype="auto", device="auto", autocast="auto")
+                          dtype="auto", device="auto", autocast="auto", fp32_linear="auto")
     except ValueError as e:  # pydantic's ValidationError
         raise ModelSourceError(f"recorded base model {identity} is not a valid model source: {e}") from e
     key = hashlib.sha256(json.dumps([cfg.source, cfg.id, cfg.revision, identity["sha256"]]).encode()).hexdigest()[:16]
