@@ -15,7 +15,6 @@ probe's own measurement. JSON to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from shapes import CONFIGS, layer_shapes  # noqa: E402
 
+from dit_core.io import write_json_atomic  # noqa: E402
 from dit_core.modeling.lora import onednn_linear  # noqa: E402
 from dit_core.modeling.models import onednn_fp32_speedup  # noqa: E402
 
@@ -82,11 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "reports/bench/fp32_kernels.json"))
     args = ap.parse_args(argv)
     res = bench(args)
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(path)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out, res)
     return res
 
 

@@ -28,7 +28,6 @@ milliseconds per forward+backward over all adapted layers, the part above `base`
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from shapes import CONFIGS, layer_shapes  # noqa: E402
 
+from dit_core.io import write_json_atomic  # noqa: E402
 from dit_core.modeling.lora import DiffModel  # noqa: E402
 from dit_core.testing.syncs import OpsSeen  # noqa: E402
 
@@ -258,11 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     res = bench(args)
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(path)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out, res)
     return res
 
 

@@ -93,16 +93,22 @@ def autocast_decision(device: torch.device | str, autocast: str = "auto") -> tup
                    "and ~3x slower than fp32")
 
 
-def cpu_vendor(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
-    """The CPU's vendor_id from /proc/cpuinfo (GenuineIntel, AuthenticAMD, ...); None where it cannot be read."""
+def cpuinfo_field(name: str, cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """The first CPU's `name` line of /proc/cpuinfo (its value); "" where the file lacks it, None where the
+    file cannot be read (not Linux)."""
     try:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
         return None
     for line in text.splitlines():
-        if line.startswith("vendor_id"):
+        if line.startswith(name):
             return line.split(":", 1)[1].strip()
-    return None
+    return ""
+
+
+def cpu_vendor(cpuinfo: str | Path = "/proc/cpuinfo") -> str | None:
+    """The CPU's vendor_id (GenuineIntel, AuthenticAMD, ...); None where it cannot be read."""
+    return cpuinfo_field("vendor_id", cpuinfo) or None
 
 
 @functools.lru_cache(maxsize=None)
@@ -200,14 +206,8 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str] | None:
     """The CPU's feature flags from /proc/cpuinfo; None where that file does not exist (not Linux)."""
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    flags = cpuinfo_field("flags", cpuinfo)
+    return None if flags is None else set(flags.split())
 
 
 def native_bf16_flags() -> list[str]:
