@@ -3,13 +3,14 @@
     python bench/bench_fp32_kernels.py                       # SmolLM2-135M's layer shapes, 2048 / 288 / 8 rows
     python bench/bench_fp32_kernels.py --shapes tiny --rows 16 --repeats 1   # smoke run
 
-`model.fp32_linear: auto` runs a model's frozen fp32 linears on oneDNN's kernels where a start-up probe
-measures them faster than torch's matmul (MKL in torch's x86 wheels). This times, for each distinct
+`model.fp32_linear: auto` runs a model's frozen fp32 linears on oneDNN's kernels on AMD CPUs, where they
+are faster than torch's matmul (MKL in torch's x86 wheels); `onednn` does so anywhere. This shows whether
+that pays on the machine at hand: it times, for each distinct
 (in, out) shape of the model's adapted layers (bench/shapes.py) and each row count, the two products a
 frozen linear does in training: the forward x W^T and the input gradient g W (oneDNN's from a
 transposed view of W, as `RoutedLinear` runs it), best of --repeats with the two kernels taking turns,
-and checks that both give the same result. Reported per shape: TFLOP/s of each, their ratio, and the
-probe's own measurement. JSON to --out.
+and checks that both give the same result. Reported per shape: TFLOP/s of each and their ratio, plus
+one larger product timed the same way (`onednn_fp32_speedup`). JSON to --out.
 """
 
 from __future__ import annotations
