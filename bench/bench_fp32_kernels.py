@@ -10,7 +10,7 @@ that pays on the machine at hand: it times, for each distinct
 frozen linear does in training: the forward x W^T and the input gradient g W (oneDNN's from a
 transposed view of W, as `RoutedLinear` runs it), best of --repeats with the two kernels taking turns,
 and checks that both give the same result. Reported per shape: TFLOP/s of each and their ratio, plus
-one larger product timed the same way (`onednn_fp32_speedup`). JSON to --out.
+one larger product timed the same way (`larger_product`). JSON to --out.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from shapes import CONFIGS, layer_shapes  # noqa: E402
 
 from dit_core.io import write_json_atomic  # noqa: E402
 from dit_core.modeling.lora import onednn_linear  # noqa: E402
-from dit_core.modeling.models import onednn_fp32_speedup  # noqa: E402
+from dit_core.modeling.models import onednn_fp32_usable  # noqa: E402
 
 
 def best_seconds(fns: dict, repeats: int) -> dict[str, float]:
@@ -44,11 +44,26 @@ def best_seconds(fns: dict, repeats: int) -> dict[str, float]:
     return best
 
 
+def larger_product(rows: int = 512, width: int = 1024, repeats: int = 5) -> tuple[float | None, str]:
+    """oneDNN's fp32 linear against torch's matmul on one (rows, width) x (width, width) product:
+    (speedup, what was seen); None where oneDNN's op is not usable here."""
+    usable, why = onednn_fp32_usable()
+    if not usable:
+        return None, why
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, width, generator=g), torch.randn(width, width, generator=g) / width ** 0.5
+    with torch.no_grad():
+        best = best_seconds({"torch": lambda: x @ w.t(), "onednn": lambda: onednn_linear(x, w)}, repeats)
+    ratio = best["torch"] / best["onednn"]
+    return ratio, (f"a {rows}x{width} @ {width}x{width} fp32 product: torch {best['torch'] * 1e3:.2f} ms, "
+                   f"oneDNN {best['onednn'] * 1e3:.2f} ms ({ratio:.2f}x)")
+
+
 def bench(args) -> dict:
     shapes = sorted(set(layer_shapes(args.shapes).values()))
     g = torch.Generator().manual_seed(0)
     out = {"shapes": args.shapes, "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "probe": onednn_fp32_speedup()[1], "runs": []}
+           "probe": larger_product()[1], "runs": []}
     with torch.no_grad():
         for rows in args.rows:
             for fan_in, fan_out in shapes:

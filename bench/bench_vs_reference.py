@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
     compute_dtype = torch.bfloat16 if use_bf16 or weight_dtype == torch.bfloat16 else weight_dtype
     n = args.peak_n or (8192 if device.type == "cuda" else 2048)
     note(f"matmul peak: {n} x {n} GEMMs")
-    onednn, _ = fp32_linear_decision(device, args.fp32_linear, args.autocast)
+    onednn, fp32_linear_why = fp32_linear_decision(device, args.fp32_linear, args.autocast)
     peaks = {str(compute_dtype).replace("torch.", ""): round(matmul_peak(device, compute_dtype, n, onednn=onednn), 4)}
     if device.type == "cpu" and compute_dtype != torch.float32:
         peaks["float32"] = round(matmul_peak(device, torch.float32, n), 4)
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
               "hardware": hardware(device), "matmul_peak_tflops": peaks, "peak_gemm_n": n,
               "params": args.params, "profiles": args.profiles, "overrides": args.overrides,
               "command": "python bench/bench_vs_reference.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    report["fp32_linear"] = fp32_linear_decision(device, args.fp32_linear, args.autocast)[1]
+    report["fp32_linear"] = fp32_linear_why
     with compute_context(device, args.autocast, args.fp32_linear):
         if args.only in (None, "diffs"):
             report["diff_generation"] = bench_diffs(lm, dm, ref_model, p.diffs, args, peak, base_bytes)

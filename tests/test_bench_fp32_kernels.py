@@ -21,3 +21,9 @@ def test_every_shape_is_timed_and_both_kernels_agree(tmp_path):
         assert all(r[f"{k}_tflops"] > 0 for k in ("torch_forward", "onednn_forward", "torch_input_grad",
                                                   "onednn_input_grad"))
     assert "oneDNN" in res["probe"]
+
+
+def test_the_larger_product_measures_both_kernels_on_the_same_product():
+    ratio, seen = bench.larger_product(rows=64, width=128, repeats=2)
+    assert ratio is not None and ratio > 0, seen
+    assert "64x128 @ 128x128" in seen and "torch" in seen and "oneDNN" in seen

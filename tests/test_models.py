@@ -176,14 +176,6 @@ def test_cpu_vendor_is_read_from_cpuinfo(tmp_path):
     assert onednn_fp32_usable()[0] is True  # torch's x86 CPU wheels ship oneDNN
 
 
-def test_onednn_probe_measures_both_kernels_on_the_same_product():
-    from dit_core.modeling.models import onednn_fp32_speedup
-
-    ratio, seen = onednn_fp32_speedup(rows=64, width=128, repeats=2)
-    assert ratio is not None and ratio > 0, seen
-    assert "64x128 @ 128x128" in seen and "torch" in seen and "oneDNN" in seen
-
-
 def test_onednn_fp32_linears_give_torch_outputs_and_gradients(tiny_model_dir):
     """The same forward and input gradients through oneDNN's kernels as through torch's, with every frozen
     linear of the loaded model (decoder and lm_head) taking the oneDNN path (counted); none under autocast.

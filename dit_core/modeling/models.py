@@ -129,32 +129,6 @@ def onednn_fp32_usable() -> tuple[bool, str]:
         (False, "oneDNN's linear op gave another result than torch's matmul")
 
 
-def onednn_fp32_speedup(rows: int = 512, width: int = 1024, repeats: int = 5) -> tuple[float | None, str]:
-    """oneDNN's fp32 linear against torch's matmul on one (rows, width) x (width, width) product, both
-    measured here (best of `repeats`, taking turns): (speedup, what was seen); None where the op is not
-    usable. For benchmarks: the decision itself does not time anything (timings vary between processes,
-    and one run's processes must use the same kernels)."""
-    import time
-
-    from dit_core.modeling.lora import onednn_linear
-
-    usable, why = onednn_fp32_usable()
-    if not usable:
-        return None, why
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(rows, width, generator=g), torch.randn(width, width, generator=g) / width ** 0.5
-    best = {"torch": float("inf"), "onednn": float("inf")}
-    with torch.no_grad():
-        for _ in range(repeats + 1):  # the first round warms both up
-            for name, fn in (("torch", lambda: x @ w.t()), ("onednn", lambda: onednn_linear(x, w))):
-                t0 = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - t0)
-    ratio = best["torch"] / best["onednn"]
-    return ratio, (f"a {rows}x{width} @ {width}x{width} fp32 product: torch {best['torch'] * 1e3:.2f} ms, "
-                   f"oneDNN {best['onednn'] * 1e3:.2f} ms ({ratio:.2f}x)")
-
-
 def fp32_linear_decision(device: torch.device | str, fp32_linear: str = "auto", autocast: str = "auto"
                          ) -> tuple[bool, str]:
     """Whether the model's frozen fp32 linears run on oneDNN's kernels, and why (logged with every run).
