@@ -7,7 +7,6 @@ import contextlib
 import time
 
 from prefect import flow, get_run_logger, unmapped
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from dit_core.stop import stop_on_signals
 from tasks import ray_runner, stage_runs
@@ -35,19 +34,21 @@ def _shard_options(resources: dict):
     return remote_options(**resources)
 
 
-# Shards run one at a time locally (one model, few cores); with params `ray.address` generate_diffs_stage
-# gives this flow a RayTaskRunner, one Ray task per shard (tasks/ray_runner.py).
-@flow(name="stage-generate-diffs", task_runner=ThreadPoolTaskRunner(max_workers=1))
+# Local shards train in turn in the thread that runs this flow, never on a thread pool: torch's OpenMP
+# threads belong to the thread that starts them, and a second thread's kernels on the same cores run up
+# to ~2x slower while the first thread's team lives (bench/bench_thread_teams.py). With params
+# `ray.address` generate_diffs_stage gives this flow a RayTaskRunner: one Ray task per shard.
+@flow(name="stage-generate-diffs")
 def generate_diffs_flow(params: dict, parent_run_id: str | None = None) -> dict:
-    """Train all weight diffs: one task per shard, mapped (no budget) or in turn within diffs.budget_s."""
-    resources, shard_params = {}, params
-    if ray_runner.ray_enabled(params):
-        resources, shard_params = ray_runner.shard_resources(params), ray_runner.worker_params(params)
-        get_run_logger().info("shards on Ray (%s), each task with %s", ray_runner.describe_cluster(), resources)
+    """Train all weight diffs, one task per shard: in turn here within diffs.budget_s (if any); on Ray
+    mapped over the cluster (no budget) or submitted in turn (budget)."""
+    if not ray_runner.ray_enabled(params):
+        with stop_on_signals(chain=True):
+            return stage_runs.generate_diffs(params, parent_run_id, train=t.train_shard)
+    resources, shard_params = ray_runner.shard_resources(params), ray_runner.worker_params(params)
+    get_run_logger().info("shards on Ray (%s), each task with %s", ray_runner.describe_cluster(), resources)
     if params["diffs"]["budget_s"] is not None:  # a budget decides shard by shard whether the next fits
         def train(_params: dict, index: int, behavior: str) -> str:
-            if not resources:
-                return t.train_shard(_params, index, behavior)
             with _shard_options(resources):
                 return t.train_shard.submit(params=shard_params, index=index, behavior=behavior).result()
 
@@ -69,7 +70,7 @@ def generate_diffs_flow(params: dict, parent_run_id: str | None = None) -> dict:
 
 
 def generate_diffs_stage(params: dict, parent_run_id: str | None = None) -> dict:
-    """generate_diffs_flow on the task runner params `ray` selects: local threads, or Ray."""
+    """generate_diffs_flow here, or on the RayTaskRunner params `ray` selects."""
     run = generate_diffs_flow
     if ray_runner.ray_enabled(params):
         run = generate_diffs_flow.with_options(task_runner=ray_runner.task_runner(params))

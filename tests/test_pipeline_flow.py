@@ -18,11 +18,23 @@ def params(tiny_model_dir, tmp_path, mlflow_uri):
     return load_params(PARAMS, pipeline_overrides(tiny_model_dir, tmp_path)).model_dump()
 
 
-def test_pipeline_flow_end_to_end(prefect_server, params, tmp_path):
+def test_pipeline_flow_end_to_end(prefect_server, params, tmp_path, monkeypatch):
+    import threading
+
+    from dit_core.diffs import generate as gd
     from flows.pipeline import pipeline_flow
 
+    threads, train_shard = [], gd.train_shard
+
+    def recording(*args, **kwargs):
+        threads.append(threading.get_ident())
+        return train_shard(*args, **kwargs)
+
+    monkeypatch.setattr(gd, "train_shard", recording)
     out = pipeline_flow(params)
     assert out["generate-diffs"]["n_diffs"] == 6
+    # the shards train in the flow's thread, where the other stages ran torch (bench/bench_thread_teams.py)
+    assert threads and set(threads) == {threading.get_ident()}
     assert out["assemble"]["test"] == 3  # stratified split_by diff: one held-out diff of each of 3 topics
     assert out["evaluate"]["champion"]["promoted"] is True
     reports = tmp_path / "reports"
