@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 from prefect import flow, get_run_logger, unmapped
@@ -26,9 +25,7 @@ def make_data_flow(params: dict) -> dict:
 
 
 def _shard_options(resources: dict):
-    """Ray resources for the shard tasks submitted inside (nothing without Ray)."""
-    if not resources:
-        return contextlib.nullcontext()
+    """Ray resources (ray_runner.shard_resources) for the shard tasks submitted inside."""
     from prefect_ray.context import remote_options
 
     return remote_options(**resources)
