@@ -439,18 +439,144 @@ def summed_parts(dm: DiffModel, rows: list[tuple[int, Example]], n_diffs: int, p
     return parts
 
 
+# Answer tokens packed after one shared prompt, per sequence: beyond this a prompt's answers go on in another
+# sequence (the dense 4D mask grows with the square of the length).
+PACK_TOKENS = 1024
+
+
+@dataclass
+class PackedBatch:
+    """Sequences of one prompt followed by several answers, each answer attending to the prompt and to
+    itself only (`pack_answers`); the loss picks each answer token's predicting position."""
+
+    input_ids: torch.Tensor  # (b, s)
+    position_ids: torch.Tensor  # (b, s): an answer's tokens continue its prompt's positions
+    attention_mask: torch.Tensor  # (b, 1, s, s) boolean: True where a query may attend a key
+    row_index: torch.Tensor  # (b,) diff of each sequence
+    host_rows: list[int]
+    tok_row: torch.Tensor  # (n,) sequence of each answer token's predicting position
+    tok_pos: torch.Tensor  # (n,) that position
+    targets: torch.Tensor  # (n,) the answer token
+    tok_owner: torch.Tensor  # (n,) the input row the token belongs to
+
+
+def pack_answers(seqs: list[tuple[int, list[int], list[tuple[int, list[int]]]]], pad_id: int, device) -> PackedBatch:
+    """Pack (diff, prompt ids, [(row, answer ids), ...]) sequences into one right-padded batch.
+
+    A sequence is the prompt, then each answer but its last token (the last token is only a target).
+    Answer j's first token is predicted at the prompt's last position, its token m at its own token m-1;
+    its tokens sit at positions len(prompt) + m, so each answer sees exactly what it would see after the
+    prompt alone: the same log-probabilities as one row per answer, with the prompt run once.
+    """
+    width = max(len(p) + sum(max(len(a) - 1, 0) for _, a in answers) for _, p, answers in seqs)
+    ids, pos, segs, host_rows = [], [], [], []
+    tok_row, tok_pos, targets, owner = [], [], [], []
+    for b, (t, prompt, answers) in enumerate(seqs):
+        row_ids, row_pos, row_seg = list(prompt), list(range(len(prompt))), [-1] * len(prompt)
+        for j, (r, a) in enumerate(answers):
+            if not a:
+                continue
+            start = len(row_ids)
+            tok_row += [b] * len(a)
+            tok_pos += [len(prompt) - 1] + list(range(start, start + len(a) - 1))
+            targets += a
+            owner += [r] * len(a)
+            row_ids += a[:-1]
+            row_pos += range(len(prompt), len(prompt) + len(a) - 1)
+            row_seg += [j] * (len(a) - 1)
+        pad = width - len(row_ids)
+        ids.append(row_ids + [pad_id] * pad)
+        pos.append(row_pos + [0] * pad)
+        segs.append(row_seg + [-2] * pad)  # pads: their own segment (they see the prompt, nothing sees them)
+        host_rows.append(t)
+    parts = [sum(ids, []), sum(pos, []), sum(segs, []), host_rows, tok_row, tok_pos, targets, owner]
+    packed = to_device(torch.tensor([v for p in parts for v in p], dtype=torch.long), device)
+    views = packed.split([len(p) for p in parts])
+    b = len(seqs)
+    seg = views[2].view(b, width)
+    causal = torch.ones(width, width, dtype=torch.bool, device=seg.device).tril()
+    mask = causal[None] & ((seg[:, :, None] == seg[:, None, :]) | (seg == -1)[:, None, :])
+    return PackedBatch(views[0].view(b, width), views[1].view(b, width), mask[:, None], views[3], host_rows,
+                       *views[4:])
+
+
+def _answer_sequences(rows: list[tuple[int, Example]]) -> list[tuple[int, list[int], list[tuple[int, list[int]]]]]:
+    """Rows grouped by (diff, prompt): one sequence per group (more where its answers pass PACK_TOKENS),
+    sorted by length."""
+    groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for i, (t, ex) in enumerate(rows):
+        groups.setdefault((t, tuple(ex.ids[: ex.answer_start])), []).append(i)
+    seqs = []
+    for (t, prompt), idx in groups.items():
+        cur, n = [], 0
+        for i in idx:
+            a = rows[i][1].ids[rows[i][1].answer_start:]
+            if cur and n + len(a) > PACK_TOKENS:
+                seqs.append((t, list(prompt), cur))
+                cur, n = [], 0
+            cur.append((i, a))
+            n += len(a)
+        seqs.append((t, list(prompt), cur))
+    return sorted(seqs, key=_packed_len)
+
+
+def packs_answers(model) -> bool:
+    """Whether the decoder takes the packed form: a prepared 4D boolean mask (SDPA attention) and
+    position ids."""
+    import inspect
+
+    return (getattr(model.config, "_attn_implementation", None) == "sdpa"
+            and "position_ids" in inspect.signature(model.base_model.forward).parameters)
+
+
 @torch.no_grad()
 def answer_logprobs(dm: DiffModel, rows: list[tuple[int, Example]], pad_id: int,
                     batch_size: int | None = None) -> torch.Tensor:
-    """Total log-probability of each row's answer tokens (row uses diff `idx` of the installed diffs)."""
+    """Total log-probability of each row's answer tokens (row uses diff `idx` of the installed diffs).
+
+    Rows of one diff with the same prompt (a closed set of labels scored as answers to one question)
+    run as one packed sequence, the prompt once (`pack_answers`): a 20-questions transcript of ~400
+    tokens is then run once for its 6 labels, not 6 times.
+    """
     model = dm.model
     device = next(model.parameters()).device
     batch_size = batch_size or inference_batch(model)
+    with_diffs = bool(dm.layers) and next(iter(dm.layers.values())).diff_A is not None
+    if not packs_answers(model):
+        return _row_logprobs(dm, rows, pad_id, batch_size, with_diffs)
+    out = torch.zeros(len(rows), device=device)
+    seqs = _answer_sequences(rows)
+    budget = batch_size * max(len(ex.ids) for _, ex in rows)  # the padded tokens of a per-row batch
+    start = 0
+    while start < len(seqs):
+        end = start + 1  # sorted by length: the last sequence of a batch is its widest
+        while end < len(seqs) and end - start < batch_size and (end + 1 - start) * _packed_len(seqs[end]) <= budget:
+            end += 1
+        batch = pack_answers(seqs[start:end], pad_id, device)
+        start = end
+        if with_diffs:
+            dm.set_row_index(batch.row_index, host_index=batch.host_rows)
+        hidden = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                  attention_mask=batch.attention_mask)[0]
+        logp = F.log_softmax(model.get_output_embeddings()(hidden[batch.tok_row, batch.tok_pos]).float(), dim=-1)
+        out.index_add_(0, batch.tok_owner, logp.gather(1, batch.targets[:, None])[:, 0])
+    return out.cpu()
+
+
+def _packed_len(seq) -> int:
+    return len(seq[1]) + sum(max(len(a) - 1, 0) for _, a in seq[2])
+
+
+def _row_logprobs(dm: DiffModel, rows: list[tuple[int, Example]], pad_id: int, batch_size: int,
+                  with_diffs: bool) -> torch.Tensor:
+    """`answer_logprobs` one padded row per answer (decoders that take no prepared 4D mask)."""
+    model = dm.model
+    device = next(model.parameters()).device
     out = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         batch = collate(chunk, pad_id, device)
-        if dm.layers and next(iter(dm.layers.values())).diff_A is not None:
+        if with_diffs:
             dm.set_row_index(batch.row_index, host_index=batch.host_rows)
         logp = F.log_softmax(answer_logits(model, batch), dim=-1)
         tok = logp.gather(1, batch.targets[:, None])[:, 0]
