@@ -157,13 +157,11 @@ class News(Behavior):
 
         prompts = [chat_prompt(tokenizer, q) for c in checks for q, _ in c]
         owners = [(t, key) for t, c in enumerate(checks) for _, key in c]
-        device = next(dm.model.parameters()).device
-        row_index = torch.tensor([t for t, _ in owners], device=device)
         n_tok, bs = self.diffs_config(p).check_tokens, inference_batch(dm.model)
         dm.set_diffs(A, B, scale=scale)
         try:
             tuned = generate(dm.model, tokenizer, prompts, n_tok, bs, desc="fact check",
-                             before_batch=lambda s, e: dm.set_row_index(row_index[s:e]))
+                             rows=[t for t, _ in owners], set_rows=dm.set_row_index)
         finally:
             dm.clear_diffs()
         base = generate(dm.model, tokenizer, prompts, n_tok, bs, desc="fact check (base)")

@@ -62,11 +62,9 @@ def check_diffs(
                 for p in getattr(c, kind):
                     prompts.append(chat_prompt(tokenizer, p))
                     owners.append((t, kind))
-        device = next(dm.model.parameters()).device
-        row_index = torch.tensor([t for t, _ in owners], device=device)
         gens = generate(
             dm.model, tokenizer, prompts, max_new_tokens, batch_size or inference_batch(dm.model), desc="behaviour check",
-            before_batch=lambda s, e: dm.set_row_index(row_index[s:e]),
+            rows=[t for t, _ in owners], set_rows=dm.set_row_index,
         )
         hits = [{k: [] for k in KINDS} for _ in checks]
         for (t, kind), g in zip(owners, gens):

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
 from dit_core.behaviors import Behavior, Query, get_behavior
 from dit_core.data.assemble import DitDataset
@@ -93,14 +92,14 @@ class Evaluator:
             idx = [i for i, q in enumerate(queries) if not q.adapter and (q.diff is not None) == with_diff]
             if not idx:
                 continue
-            rows = torch.tensor([queries[i].diff or 0 for i in idx], device=self.lm.device)
+            rows = [queries[i].diff or 0 for i in idx]
             prompts = [chat_prompt(tok, queries[i].prompt) for i in idx]
             try:
                 if with_diff:
                     self.dm.set_diffs(*self.diffs[:2], scale=self.diffs[2])
                 with self.dm.adapter_disabled():
                     gens = generate(self.lm.model, tok, prompts, max_new_tokens, inference_batch(self.lm.model), desc=desc,
-                                    before_batch=(lambda s, e: self.dm.set_row_index(rows[s:e])) if with_diff else None)
+                                    rows=rows if with_diff else None, set_rows=self.dm.set_row_index)
             finally:
                 self.dm.clear_diffs()
             for i, g in zip(idx, gens):

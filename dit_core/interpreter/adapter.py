@@ -98,13 +98,11 @@ class LoraInterpreter:
                  question: str | None = None) -> list[str]:
         """Greedy answers to the question; output row i uses diff rows[i] of diffs=(A, B, scale), or none."""
         prompt = chat_prompt(tokenizer, question or self.spec.question)
-        device = next(self.dm.model.parameters()).device
-        index = torch.tensor(rows, device=device)
         try:
             if diffs is not None:
                 self.dm.set_diffs(*diffs[:2], scale=diffs[2])
             gens = generate(self.dm.model, tokenizer, [prompt] * len(rows), max_new_tokens, inference_batch(self.dm.model),
-                            before_batch=(lambda s, e: self.dm.set_row_index(index[s:e])) if diffs is not None else None)
+                            rows=rows if diffs is not None else None, set_rows=self.dm.set_row_index)
         finally:
             self.dm.clear_diffs()
         return [g.text for g in gens]

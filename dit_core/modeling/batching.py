@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dit_core.modeling.chat import chat_prompt, encode_prompt, inference_batch
+from dit_core.modeling.chat import MIN_SHARED_PREFIX, cache_kwarg, chat_prompt, encode_prompt, inference_batch
 from dit_core.modeling.lora import DiffModel
 
 
@@ -201,19 +201,6 @@ def answer_logits(model, batch: Batch, prefix: SharedPrefix | None = None) -> to
                                       **{prefix.cache_kwarg: prefix.cache_for(batch.row_index)})[0]
     sel = hidden[batch.tok_row, batch.tok_pos]  # (n, h)
     return model.get_output_embeddings()(sel).float()  # (n, V)
-
-
-# A shared prefix shorter than this many tokens is not worth its own forward.
-MIN_SHARED_PREFIX = 8
-
-
-def cache_kwarg(model) -> str | None:
-    """The keyword the decoder's forward takes a key/value cache by (`cache` in recent transformers,
-    `past_key_values` before), or None when it takes none."""
-    import inspect
-
-    params = inspect.signature(model.base_model.forward).parameters
-    return next((k for k in ("cache", "past_key_values") if k in params), None)
 
 
 def common_prefix(rows: list[tuple[int, Example]]) -> int:
