@@ -1,6 +1,6 @@
 """Diff shards on Ray through prefect-ray: the generate-diffs flow on a local Ray instance with 2 CPU
 workers trains 4 shards of the tiny model; the shards' tensors equal the in-process run's bit for bit (same
-seeds) and the manifest is the same. A rerun on Ray skips the complete shards."""
+seeds, one thread each) and the manifest is the same. A rerun on Ray skips the complete shards."""
 
 import shutil
 
@@ -48,7 +48,15 @@ def test_shards_on_ray_equal_the_local_run(prefect_server, tmp_path, ray_down):
     download(local)
     make_data(local)
     shutil.copytree(tmp_path / "local" / "data", tmp_path / "ray" / "data")  # the same behaviour data
-    out_local = generate_diffs(local)
+    # A Ray worker with ray.num_cpus_per_shard=1 runs torch on 1 thread. torch's CPU kernels may split their
+    # sums by thread count (MKL's fp32 matmuls on Intel CPUs do: model.fp32_linear auto), so the local run
+    # that the shards must equal bit for bit runs on 1 thread as well.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out_local = generate_diffs(local)
+    finally:
+        torch.set_num_threads(threads)
     assert out_local["n_diffs"] == 2 * SHARDS and out_local["shards_trained"] == SHARDS
 
     on_ray = _params(tiny_model_dir, tmp_path / "ray" / "data", "ray.address=local", "ray.num_cpus_per_shard=1")
