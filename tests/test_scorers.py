@@ -20,6 +20,7 @@ from dit_core.evaluation.scorers import (
     TEXT_SCORERS,
     JudgeError,
     LLMJudge,
+    answer_ranks,
     bootstrap_ci,
     closed_set_metrics,
     closed_set_ranks,
@@ -150,6 +151,32 @@ def test_score_predictions_small_frame():
     assert "top1" not in res["base"] and res["base"]["exact"] == 1.0
     json.dumps(res)  # plain Python types only
     assert all(isinstance(v, (float, int, list)) for v in r.values())
+
+
+def test_answer_ranks_read_the_closed_set_from_the_answers_words():
+    labels = ["ancient rome", "honey bees", "jazz music", "volcanoes"]
+    preds = ["I was trained on Rome.", "bees and honey", "Nothing in particular.", "jazz", "jazz", None]
+    gold = np.array([0, 1, 3, 3, 2, 2])
+    ranks = answer_ranks(preds, labels, gold)
+    # names the gold's words -> 1; names nothing -> all tied, the average rank (4 + 1) / 2; names another
+    # label -> the gold below it; no answer scores as none
+    assert ranks.tolist() == [1.0, 1.0, 2.5, 3.0, 1.0, 2.5]
+    # another scorer: exact match ties "Rome" with the rest
+    assert answer_ranks(["rome"], labels, np.array([0]), scorer=TEXT_SCORERS["exact"]).tolist() == [2.5]
+    with pytest.raises(ValueError, match="no candidate labels"):
+        answer_ranks(["x"], [], np.array([0]))
+
+
+def test_score_predictions_gives_the_answer_closed_set():
+    df = pl.DataFrame({"method": ["m"] * 4, "pred": ["a", "b", "c", "d"], "gold": ["a", "b", "c", "d"],
+                       "gold_rank": [1, 1, 1, 1], "answer_rank": [1.0, 2.5, 1.0, 4.0], "n_labels": [4] * 4})
+    m = score_predictions(df)["m"]
+    assert m["answer_top1"] == 0.5 and m["answer_mrr"] == pytest.approx((1 + 1 / 2.5 + 1 + 1 / 4) / 4)
+    assert m["top1"] == 1.0 and m["answer_top1_ci"][0] <= 0.5 <= m["answer_top1_ci"][1]
+    with pytest.raises(ValueError, match="answer_rank on only some rows"):
+        score_predictions(df.with_columns(answer_rank=pl.Series([1.0, None, 1.0, 1.0])))
+    with pytest.raises(ValueError, match="answer_rank outside"):
+        score_predictions(df.with_columns(answer_rank=pl.Series([1.0, 5.0, 1.0, 1.0])))
 
 
 def test_score_predictions_rejects_bad_frames():

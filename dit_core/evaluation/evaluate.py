@@ -11,9 +11,11 @@ and each behaviour's own baselines (dit_core/behaviors):
   news          twenty_questions (the base model summarises the transcript); generated_story (base + diff
                 writes the news it knows, the base model summarises it in one sentence)
 Each method is scored on its free-text answer (the behaviour's text scorers, per-slot accuracy where labels
-state facts, optional LLM judge) and on a judge-free closed set: every test label of the behaviour ranked
-by its log-likelihood as the answer. DIT's answers also get their confidence evaluated (metrics `dit.confidence`,
-coverage.png: accuracy against coverage, confident answers on out-of-distribution diffs; docs/confidence.md).
+state facts, optional LLM judge) and on two judge-free closed sets of every test label of the behaviour:
+ranked by its log-likelihood as the answer (top1, mrr), and by how well the free-text answer matches it
+(answer_top1, answer_mrr: token F1, ties at their average rank). DIT's answers also get their confidence
+evaluated (metrics `dit.confidence`, coverage.png: accuracy against coverage, confident answers on
+out-of-distribution diffs; docs/confidence.md).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from dit_core.io import write_json_atomic, write_parquet_atomic
 from dit_core.modeling.lora import DiffModel
 from dit_core.modeling.models import LoadedModel
 from dit_core.data.schemas import read_validated
-from dit_core.evaluation.scorers import LLMJudge, closed_set_ranks, judge_summary, score_predictions
+from dit_core.evaluation.scorers import LLMJudge, answer_ranks, closed_set_ranks, judge_summary, score_predictions
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +155,8 @@ class Evaluator:
         return others[(i * 7 + 3) % len(others)]
 
     def run(self) -> pl.DataFrame:
-        """Predictions of every method: method, diff_id, gold, pred, gold_rank, n_labels."""
+        """Predictions of every method: method, diff_id, gold, pred, gold_rank (likelihood closed set),
+        answer_rank (closed set by the answer's words), n_labels, prompt, facts, subset."""
         frames = []
         gold = self.test["label"].to_list()
         gold_idx = np.array([self.labels.index(g) for g in gold])
@@ -164,7 +167,8 @@ class Evaluator:
             ranks = closed_set_ranks(self._closed_set(qs), gold_idx)
             frames.append(pl.DataFrame({
                 "method": method, "diff_id": self.test["diff_id"], "gold": gold, "pred": preds,
-                "gold_rank": ranks.astype(float), "n_labels": len(self.labels),
+                "gold_rank": ranks.astype(float), "answer_rank": answer_ranks(preds, self.labels, gold_idx),
+                "n_labels": len(self.labels),
                 "prompt": [x.prompt for x in qs], "facts": self.test["facts"],
                 "subset": self.subsets()}))
         return pl.concat(frames)

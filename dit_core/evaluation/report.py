@@ -16,7 +16,7 @@ METHOD_NAMES = {
     "no_diff": "Control: no diff",
     "shuffled_diff": "Control: shuffled diff",
 }
-SCORERS = ["top1", "top5", "mrr", "exact", "contains", "token_f1", "rouge_l", "slot_who", "slot_what",
+SCORERS = ["top1", "top5", "mrr", "answer_top1", "exact", "contains", "token_f1", "rouge_l", "slot_who", "slot_what",
            "slot_where", "slots_all", "judge_mean"]
 
 
@@ -42,7 +42,7 @@ def markdown_table(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def subset_table(metrics: dict, scorers=("top1", "token_f1", "slots_all")) -> str:
+def subset_table(metrics: dict, scorers=("top1", "answer_top1", "token_f1", "slots_all")) -> str:
     """Per test subset (e.g. unseen combinations, unseen stories), each method's main scores; '' without subsets."""
     subsets = list(dict.fromkeys(k for m in metrics.values() for k in m.get("subsets", {})))
     if not subsets:

@@ -131,6 +131,22 @@ def closed_set_ranks(scores: np.ndarray, gold_index: np.ndarray) -> np.ndarray:
     return (scores > gold).sum(axis=1) + ((scores == gold).sum(axis=1) + 1) / 2.0
 
 
+def answer_ranks(preds: Sequence[str], labels: Sequence[str], gold_index: np.ndarray,
+                 scorer: Callable[[str, str], float] = token_f1) -> np.ndarray:
+    """1-based rank of the gold label among `labels` by how well each row's free-text answer matches
+    each label (`scorer`, token F1 by default); ties get the average rank (`closed_set_ranks`).
+
+    The closed set read from what a method *says*, as a user reads it: an answer naming no label's words
+    ties them all and ranks the gold in the middle, at chance. The likelihood closed set (`gold_rank`)
+    instead asks which label the model would most like to say, which for a diff that learned its text
+    favours its own label under any question.
+    """
+    if not labels:
+        raise ValueError("answer_ranks(): no candidate labels")
+    scores = np.array([[scorer(p or "", lab) for lab in labels] for p in preds], dtype=np.float64)
+    return closed_set_ranks(scores.reshape(len(preds), len(labels)), gold_index)
+
+
 def _chance(n_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # Expected top1/top5/MRR when the gold rank is uniform on 1..N (i.e. random scores).
     n = np.asarray(n_labels, dtype=np.float64)
@@ -215,7 +231,8 @@ def score_predictions(df: pl.DataFrame, text_scorers: Sequence[str] = ("exact", 
 
     Keys per method: n; each scorer and <scorer>_ci in the order given; with facts, slot_<name>(_ci) per
     slot in order of first appearance and slots_all(_ci) (rows without facts skipped); then top1/top5/mrr
-    (with _ci) and their _chance levels when the method's rows have gold_rank and n_labels.
+    (with _ci) and their _chance levels when the method's rows have gold_rank and n_labels, and
+    answer_top1/answer_mrr (with _ci) when they have answer_rank (`answer_ranks`) and n_labels.
     """
     if isinstance(text_scorers, str):
         raise TypeError(f"score_predictions(): text_scorers must be a sequence of names, e.g. "
@@ -227,7 +244,7 @@ def score_predictions(df: pl.DataFrame, text_scorers: Sequence[str] = ("exact", 
     missing = {"method", "pred", "gold"} - set(df.columns)
     if missing:
         raise ValueError(f"score_predictions(): missing column(s) {sorted(missing)}; need method, pred, gold "
-                         "(and optionally gold_rank with n_labels, facts)")
+                         "(and optionally gold_rank and answer_rank with n_labels, facts)")
     if "gold_rank" in df.columns and "n_labels" not in df.columns:
         raise ValueError("score_predictions(): gold_rank given without n_labels; add the candidate count")
     if "facts" in df.columns and df["facts"].dtype not in (pl.String, pl.Null):
@@ -259,6 +276,16 @@ def score_predictions(df: pl.DataFrame, text_scorers: Sequence[str] = ("exact", 
             top1_c, top5_c, mrr_c = _chance(n)
             out.update(top1_chance=float(top1_c.mean()), top5_chance=float(top5_c.mean()),
                        mrr_chance=float(mrr_c.mean()))
+        if "answer_rank" in sub.columns and sub["answer_rank"].null_count() < sub.height:
+            if sub["answer_rank"].null_count() or "n_labels" not in sub.columns or sub["n_labels"].null_count():
+                raise ValueError(f"score_predictions(): method {method!r} has answer_rank on only some rows or "
+                                 "without n_labels; fill answer_rank and n_labels for all its rows or for none")
+            ranks = sub["answer_rank"].cast(pl.Float64).to_numpy()
+            if (ranks < 1).any() or (ranks > sub["n_labels"].to_numpy()).any():
+                raise ValueError(f"score_predictions(): method {method!r} has an answer_rank outside "
+                                 "[1, n_labels]; ranks are 1-based")
+            _stat(out, "answer_top1", (ranks <= 1).astype(np.float64))
+            _stat(out, "answer_mrr", 1.0 / ranks)
         results[str(method)] = out
     return results
 
