@@ -92,6 +92,19 @@ def write_json_atomic(path: str | Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file (UTF-8) atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def save_figure_atomic(fig, path: str | Path, **savefig_kwargs) -> None:
+    """Save a matplotlib figure atomically, in the format its path's suffix names (png by default)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
+
+
 def write_parquet_atomic(df: pl.DataFrame, path: str | Path) -> None:
     """Write a parquet file atomically."""
     with atomic_path(path) as tmp:

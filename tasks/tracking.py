@@ -15,6 +15,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from dit_core.io import write_text_atomic
+
 log = logging.getLogger("dit_core.tracking")
 PYFUNC_CODE = str(Path(__file__).with_name("pyfunc_interpreter.py"))
 
@@ -183,7 +185,7 @@ def register_interpreter(params: dict, interpreter_dir: Path, base_model_dir: Pa
     version = info.registered_model_version
     record = {"name": name, "version": str(version), "model_uri": f"models:/{name}/{version}",
               "run_id": mlflow.active_run().info.run_id}
-    (Path(interpreter_dir) / "registry.json").write_text(json.dumps(record, indent=2))
+    write_text_atomic(Path(interpreter_dir) / "registry.json", json.dumps(record, indent=2))
     return record
 
 

@@ -19,7 +19,7 @@ import polars as pl
 from dit_core.config import Params
 from dit_core.data.assemble import DitDataset
 from dit_core.data.schemas import read_validated
-from dit_core.io import write_json_atomic, write_parquet_atomic
+from dit_core.io import save_figure_atomic, write_json_atomic, write_parquet_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 MIXTURE = "mixture"
@@ -66,7 +66,7 @@ def cross_behavior(p: Params, lm, dataset_dir: str | Path, out_dir: str | Path, 
                 on_cell(row, col, cell)
     out = {"rows": list(matrix), "columns": tested, "matrix": matrix}
     write_json_atomic(out_dir / "matrix.json", out)
-    (out_dir / "matrix.md").write_text(matrix_markdown(out))
+    write_text_atomic(out_dir / "matrix.md", matrix_markdown(out))
     plot_matrix(out, out_dir / "matrix.png")
     return out
 
@@ -123,5 +123,5 @@ def plot_matrix(m: dict, path: str | Path, scores: tuple[str, ...] = ("top1", "t
     axes[0].set_ylabel("interpreter trained on")
     fig.colorbar(im, ax=axes, shrink=0.8)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save_figure_atomic(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -35,7 +35,7 @@ from dit_core.config import Params
 from dit_core.diffs.bank import DiffBank
 from dit_core.modeling.batching import answer_logprobs, encode_example
 from dit_core.interpreter.adapter import load_interpreter
-from dit_core.io import write_json_atomic, write_parquet_atomic
+from dit_core.io import write_json_atomic, write_parquet_atomic, write_text_atomic
 from dit_core.modeling.lora import DiffModel
 from dit_core.modeling.models import LoadedModel
 from dit_core.data.schemas import read_validated
@@ -268,7 +268,7 @@ def evaluate(p: Params, lm: LoadedModel, dataset_dir, interpreter_dir, questions
     write_parquet_atomic(preds, reports_dir / "predictions.parquet")
     write_json_atomic(reports_dir / "metrics.json", metrics)
     table = behavior_tables(per_behavior)
-    (reports_dir / "table.md").write_text(table)
+    write_text_atomic(reports_dir / "table.md", table)
     plot_scores(per_behavior[names[0]], reports_dir / "scores.png")
     for name in names[1:]:
         plot_scores(per_behavior[name], reports_dir / f"scores_{name}.png")

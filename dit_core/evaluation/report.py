@@ -6,6 +6,8 @@ from pathlib import Path
 
 import polars as pl
 
+from dit_core.io import save_figure_atomic
+
 METHOD_NAMES = {
     "base_question": "Base question",
     "base_question_trigger": "Base question w/ trigger",
@@ -129,7 +131,7 @@ def plot_scores(metrics: dict, path: str | Path, scorers=("top1", "contains", "e
     ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -151,7 +153,7 @@ def plot_curves(csv_path: str | Path, path: str | Path) -> None:
     ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -189,5 +191,5 @@ def plot_coverage(per_behavior: dict[str, dict], reports_dir: str | Path) -> Non
         fig.tight_layout()
         path = Path(reports_dir) / ("coverage.png" if k == 0 else f"coverage_{name}.png")
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        save_figure_atomic(fig, path, dpi=110)
         plt.close(fig)

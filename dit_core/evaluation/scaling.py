@@ -24,7 +24,8 @@ import polars as pl
 
 from dit_core.data.assemble import DitDataset
 from dit_core.config import Params
-from dit_core.io import compare_record, move_aside, write_json_atomic, write_parquet_atomic
+from dit_core.io import (compare_record, move_aside, save_figure_atomic, write_json_atomic, write_parquet_atomic,
+                         write_text_atomic)
 from dit_core.modeling.models import LoadedModel
 from dit_core.data.schemas import read_validated
 
@@ -163,7 +164,7 @@ def scaling_curve(p: Params, lm: LoadedModel, dataset_dir: str | Path, out_dir: 
             on_point(point)
         points.append(point)
     write_json_atomic(out_dir / "scaling.json", [public(pt) for pt in points])
-    (out_dir / "scaling.md").write_text(scaling_table(points))
+    write_text_atomic(out_dir / "scaling.md", scaling_table(points))
     plot_scaling(points, out_dir / "scaling.png")
     return points
 
@@ -217,5 +218,5 @@ def plot_scaling(points: list[dict], path: str | Path) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)

@@ -33,7 +33,8 @@ import polars as pl
 from dit_core.config import ConfigError, Params, _set_dotted, parse_override, params_from_dict
 from dit_core.data.assemble import DitDataset
 from dit_core.data.schemas import read_validated
-from dit_core.io import atomic_path, compare_record, write_json_atomic, write_parquet_atomic
+from dit_core.io import (atomic_path, compare_record, save_figure_atomic, write_json_atomic, write_parquet_atomic,
+                         write_text_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def transfer(p: Params, lm, data_dir: str | Path, out_dir: str | Path,
     out = {"grid": cfg.grid, "rows": [r.name for r in cfg.rows], "columns": list(vps), "matrix": matrix,
            "row_variants": {r.name: r.train for r in cfg.rows}, "variants": info, "by_rank": by_rank}
     write_json_atomic(out_dir / "matrix.json", out)
-    (out_dir / "matrix.md").write_text(transfer_markdown(out))
+    write_text_atomic(out_dir / "matrix.md", transfer_markdown(out))
     from dit_core.evaluation.cross import plot_matrix
 
     plot_matrix(out, out_dir / "matrix.png", scores=("top1", "exact", "token_f1"))
@@ -317,5 +318,5 @@ def plot_by_rank(m: dict, path: str | Path, columns: list[str] | None = None) ->
     ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)

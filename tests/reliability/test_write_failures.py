@@ -56,3 +56,34 @@ def test_unwritable_directory_is_a_clear_error_and_the_old_file_stays(tmp_path, 
     with pytest.raises(WriteError, match=r"cannot write .*summary.json: Permission denied\. .*fix the permissions"):
         write_json_atomic(target, {"v": 2})
     assert target.read_text().strip().endswith("}") and '"v": 1' in target.read_text()
+
+
+def test_reports_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """table.md and the plots go through a temp file: a write that dies midway leaves the old file whole
+    and no temp file behind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dit_core import io
+    from dit_core.io import save_figure_atomic, write_text_atomic
+
+    table, png = tmp_path / "table.md", tmp_path / "scores.png"
+    write_text_atomic(table, "| old |\n")
+    fig = plt.figure()
+    save_figure_atomic(fig, png)
+    old_png = png.read_bytes()
+    assert old_png[:8] == b"\x89PNG\r\n\x1a\n"  # the suffix decides the format, not the temp name
+
+    def dies(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.os, "replace", dies)
+    with pytest.raises(WriteError, match="table.md: No space left"):
+        write_text_atomic(table, "| new |\n")
+    with pytest.raises(WriteError, match="scores.png: No space left"):
+        save_figure_atomic(fig, png, dpi=50)
+    plt.close(fig)
+    assert table.read_text() == "| old |\n" and png.read_bytes() == old_png
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.png", "table.md"]
