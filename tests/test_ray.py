@@ -49,8 +49,9 @@ def test_shards_on_ray_equal_the_local_run(prefect_server, tmp_path, ray_down):
     make_data(local)
     shutil.copytree(tmp_path / "local" / "data", tmp_path / "ray" / "data")  # the same behaviour data
     # A Ray worker with ray.num_cpus_per_shard=1 runs torch on 1 thread. torch's CPU kernels may split their
-    # sums by thread count (MKL's fp32 matmuls on Intel CPUs do: model.fp32_linear auto), so the local run
-    # that the shards must equal bit for bit runs on 1 thread as well.
+    # sums by thread count: MKL's fp32 matmuls (model.fp32_linear auto on Intel CPUs) do for a long inner
+    # dimension, as in the factor gradients' sum over a micro-batch's tokens. So the local run that the
+    # shards must equal bit for bit runs on 1 thread as well.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
