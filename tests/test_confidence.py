@@ -203,3 +203,13 @@ def test_evaluate_reports_coverage_and_confident_wrong_rates(trained):
     table = (tmp / "reports" / "table.md").read_text()
     assert "Confidence of DIT's answers" in table and "zero diff" in table
     assert (tmp / "reports" / "coverage.png").stat().st_size > 1000
+
+
+def test_the_table_says_why_no_answer_is_confident():
+    from dit_core.evaluation.report import confidence_table
+
+    base = {"area": 0.0, "threshold": None, "target": 0.9, "test_coverage": 0.0, "test_accuracy_kept": None,
+            "test_confident_wrong": 0.0, "n_labels": 31, "ood": {}}
+    assert "no set of validation answers reached accuracy 0.90" in confidence_table(base | {"calibrated": True})
+    assert "No unsure threshold recorded" in confidence_table(base | {"calibrated": False})
+    assert "No unsure threshold" not in confidence_table(base | {"calibrated": True, "threshold": 0.8})

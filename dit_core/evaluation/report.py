@@ -78,9 +78,15 @@ def confidence_table(conf: dict | None) -> str:
     for kind, o in conf.get("ood", {}).items():
         lines.append(f"| {OOD_NAMES.get(kind, kind)} | {o['n']} | {_num(o['mean_confidence'])} | "
                      f"{_num(o['confident_wrong'])} |")
-    note = ("" if conf.get("calibrated") else
-            "\nNo unsure threshold recorded (an interpreter trained without validation diffs or before it was "
-            "recorded): rates need one.\n")
+    if not conf.get("calibrated"):
+        note = ("\nNo unsure threshold recorded (an interpreter trained without validation diffs or before it was "
+                "recorded): rates need one.\n")
+    elif conf.get("threshold") is None:
+        note = (f"\nNo unsure threshold: no set of validation answers reached accuracy {_num(conf.get('target'))}, so "
+                "every answer is unsure. The label vocabulary is closed: a diff whose label was not in training (a "
+                "new topic, a news story of its own) is never the best known label (docs/confidence.md).\n")
+    else:
+        note = ""
     return "\n".join(lines) + "\n" + note
 
 
