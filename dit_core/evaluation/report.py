@@ -18,8 +18,8 @@ METHOD_NAMES = {
     "no_diff": "Control: no diff",
     "shuffled_diff": "Control: shuffled diff",
 }
-SCORERS = ["top1", "top5", "mrr", "answer_top1", "exact", "contains", "token_f1", "rouge_l", "slot_who", "slot_what",
-           "slot_where", "slots_all", "judge_mean"]
+SCORERS = ["top1", "top5", "mrr", "answer_top1", "exact", "contains", "token_f1", "rouge_l", "slot_who",
+           "slot_what", "slot_where", "slots_all", "judge_mean"]
 
 
 def _cell(m: dict, key: str) -> str:
