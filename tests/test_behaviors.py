@@ -209,9 +209,11 @@ def test_cross_behaviour_matrix_trains_one_interpreter_per_row(tiny_model_dir, t
     for row in out["rows"]:
         for col in out["columns"]:
             cell = out["matrix"][row][col]
-            assert 0 <= cell["top1"] <= 1 and cell["n"] >= 1
+            assert 0 <= cell["top1"] <= 1 and 0 <= cell["answer_top1"] <= 1 and cell["n"] >= 1
     folder = Path(out["dir"])
-    assert (folder / "matrix.png").stat().st_size > 1000 and "| mixture |" in (folder / "matrix.md").read_text()
+    md = (folder / "matrix.md").read_text()
+    assert (folder / "matrix.png").stat().st_size > 1000 and "| mixture |" in md
+    assert md.startswith("DIT closed-set top-1 [95% CI] / answer top-1 / token F1;")
     # each single-behaviour row learned from its own behaviour's diffs only, and was asked each behaviour's question
     ds = pl.read_parquet(Path(p.paths.data) / p.paths.dataset / "dataset.parquet")
     sets = training_sets(ds, p.behaviors)

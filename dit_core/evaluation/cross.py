@@ -60,7 +60,7 @@ def cross_behavior(p: Params, lm, dataset_dir: str | Path, out_dir: str | Path, 
         matrix[row] = {}
         for col in tested:
             d = result["by_behavior"][col]["dit"]
-            cell = {k: d[k] for k in ("n", "top1", "top1_ci", "top1_chance", "token_f1", "token_f1_ci") if k in d}
+            cell = {k: d[k] for k in CELL_KEYS if k in d}
             matrix[row][col] = cell
             if on_cell:
                 on_cell(row, col, cell)
@@ -71,12 +71,17 @@ def cross_behavior(p: Params, lm, dataset_dir: str | Path, out_dir: str | Path, 
     return out
 
 
-SCORE_NAMES = {"top1": "closed-set top-1", "exact": "exact match", "token_f1": "token F1"}
+# A cell's metrics, in matrix.json and as MLflow metrics cross.<row>.<column>.<key>.
+CELL_KEYS = ("n", "top1", "top1_ci", "top1_chance", "answer_top1", "answer_top1_ci", "token_f1", "token_f1_ci")
+SCORE_NAMES = {"top1": "closed-set top-1", "answer_top1": "answer top-1", "exact": "exact match",
+               "token_f1": "token F1"}
 BEHAVIOR_CAPTION = ("rows: the interpreter's training behaviours, columns: the test diffs' behaviour.")
 
 
-def matrix_markdown(m: dict, caption: str = BEHAVIOR_CAPTION, scores: tuple[str, ...] = ("token_f1",)) -> str:
-    """Rows: trained on; columns: tested on; cells: top-1 [95% CI] / each of `scores` (e.g. token F1)."""
+def matrix_markdown(m: dict, caption: str = BEHAVIOR_CAPTION, scores: tuple[str, ...] = ("answer_top1", "token_f1")
+                    ) -> str:
+    """Rows: trained on; columns: tested on; cells: top-1 [95% CI] / each of `scores` (by default the closed
+    set read from the answers, and token F1)."""
     cols = m["columns"]
     head = " / ".join(["DIT closed-set top-1 [95% CI]", *(SCORE_NAMES.get(s, s) for s in scores)])
     lines = [f"{head}; {caption}", "",
