@@ -127,6 +127,5 @@ def plot_matrix(m: dict, path: str | Path, scores: tuple[str, ...] = ("top1", "t
         ax.set_title(f"DIT {title}")
     axes[0].set_ylabel("interpreter trained on")
     fig.colorbar(im, ax=axes, shrink=0.8)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_figure_atomic(fig, path, dpi=110, bbox_inches="tight")
     plt.close(fig)

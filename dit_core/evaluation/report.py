@@ -136,7 +136,6 @@ def plot_scores(metrics: dict, path: str | Path, scorers=("top1", "contains", "e
     ax.set_ylabel("score")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
 
@@ -158,7 +157,6 @@ def plot_curves(csv_path: str | Path, path: str | Path) -> None:
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
 
@@ -196,6 +194,5 @@ def plot_coverage(per_behavior: dict[str, dict], reports_dir: str | Path) -> Non
         ax.set_ylabel("accuracy of the answers kept")
         fig.tight_layout()
         path = Path(reports_dir) / ("coverage.png" if k == 0 else f"coverage_{name}.png")
-        path.parent.mkdir(parents=True, exist_ok=True)
         save_figure_atomic(fig, path, dpi=110)
         plt.close(fig)

@@ -224,6 +224,21 @@ def _slot_stats(out: dict, preds: list[str], facts: list[dict[str, str] | None])
     _stat(out, "slots_all", np.array([all(h.values()) for h in hits], dtype=np.float64))
 
 
+def _ranks(sub: pl.DataFrame, col: str, method: object) -> np.ndarray | None:
+    # One method's 1-based closed-set ranks in `col` (gold_rank or answer_rank), checked against n_labels;
+    # None where the method has none.
+    if col not in sub.columns or sub[col].null_count() == sub.height:
+        return None
+    if sub[col].null_count() or sub["n_labels"].null_count():
+        raise ValueError(f"score_predictions(): method {method!r} has {col} on only some rows (or n_labels "
+                         f"missing on some); fill {col} and n_labels for all its rows or for none")
+    ranks = sub[col].cast(pl.Float64).to_numpy()
+    if (ranks < 1).any() or (ranks > sub["n_labels"].to_numpy()).any():
+        raise ValueError(f"score_predictions(): method {method!r} has a {col} outside [1, n_labels]; "
+                         "ranks are 1-based")
+    return ranks
+
+
 def score_predictions(df: pl.DataFrame, text_scorers: Sequence[str] = ("exact", "contains", "token_f1")
                       ) -> dict[str, dict]:
     """Per-method means and bootstrap CIs of the named TEXT_SCORERS, per-slot accuracy when a `facts`
@@ -245,8 +260,9 @@ def score_predictions(df: pl.DataFrame, text_scorers: Sequence[str] = ("exact", 
     if missing:
         raise ValueError(f"score_predictions(): missing column(s) {sorted(missing)}; need method, pred, gold "
                          "(and optionally gold_rank and answer_rank with n_labels, facts)")
-    if "gold_rank" in df.columns and "n_labels" not in df.columns:
-        raise ValueError("score_predictions(): gold_rank given without n_labels; add the candidate count")
+    for col in ("gold_rank", "answer_rank"):
+        if col in df.columns and "n_labels" not in df.columns:
+            raise ValueError(f"score_predictions(): {col} given without n_labels; add the candidate count")
     if "facts" in df.columns and df["facts"].dtype not in (pl.String, pl.Null):
         raise ValueError(f"score_predictions(): facts column has dtype {df['facts'].dtype}; it must hold one "
                          "JSON string per row (or null)")
@@ -262,28 +278,15 @@ def score_predictions(df: pl.DataFrame, text_scorers: Sequence[str] = ("exact", 
             _stat(out, name, np.array([fn(p, g) for p, g in zip(preds, golds)], dtype=np.float64))
         if "facts" in sub.columns:
             _slot_stats(out, preds, [_parse_facts(f, method, g) for f, g in zip(sub["facts"].to_list(), golds)])
-        if "gold_rank" in sub.columns and sub["gold_rank"].null_count() < sub.height:
-            if sub["gold_rank"].null_count() or sub["n_labels"].null_count():
-                raise ValueError(f"score_predictions(): method {method!r} has gold_rank/n_labels on only "
-                                 "some rows; fill them for all its rows or for none")
-            ranks = sub["gold_rank"].cast(pl.Float64).to_numpy()
-            n = sub["n_labels"].to_numpy()
-            if (ranks < 1).any() or (ranks > n).any():
-                raise ValueError(f"score_predictions(): method {method!r} has a gold_rank outside "
-                                 "[1, n_labels]; ranks are 1-based")
+        ranks = _ranks(sub, "gold_rank", method)
+        if ranks is not None:
             for name, v in (("top1", ranks <= 1), ("top5", ranks <= 5), ("mrr", 1.0 / ranks)):
                 _stat(out, name, v.astype(np.float64))
-            top1_c, top5_c, mrr_c = _chance(n)
+            top1_c, top5_c, mrr_c = _chance(sub["n_labels"].to_numpy())
             out.update(top1_chance=float(top1_c.mean()), top5_chance=float(top5_c.mean()),
                        mrr_chance=float(mrr_c.mean()))
-        if "answer_rank" in sub.columns and sub["answer_rank"].null_count() < sub.height:
-            if sub["answer_rank"].null_count() or "n_labels" not in sub.columns or sub["n_labels"].null_count():
-                raise ValueError(f"score_predictions(): method {method!r} has answer_rank on only some rows or "
-                                 "without n_labels; fill answer_rank and n_labels for all its rows or for none")
-            ranks = sub["answer_rank"].cast(pl.Float64).to_numpy()
-            if (ranks < 1).any() or (ranks > sub["n_labels"].to_numpy()).any():
-                raise ValueError(f"score_predictions(): method {method!r} has an answer_rank outside "
-                                 "[1, n_labels]; ranks are 1-based")
+        ranks = _ranks(sub, "answer_rank", method)
+        if ranks is not None:
             _stat(out, "answer_top1", (ranks <= 1).astype(np.float64))
             _stat(out, "answer_mrr", 1.0 / ranks)
         results[str(method)] = out

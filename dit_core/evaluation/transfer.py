@@ -317,6 +317,5 @@ def plot_by_rank(m: dict, path: str | Path, columns: list[str] | None = None) ->
     ax.set_ylim(-0.02, 1.02)
     ax.legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_figure_atomic(fig, path, dpi=120)
     plt.close(fig)
