@@ -236,7 +236,8 @@ def describe(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Say in words what each weight diff does, with the interpreter's confidence ("unsure (best guess: ...)"
-    below the threshold chosen on the validation split; docs/confidence.md).
+    below the threshold chosen on the validation split; "no behaviour it knows" where its best answer is the
+    one it was trained to give on random diffs; docs/confidence.md).
 
     Examples:
       dit describe ht00003
@@ -256,7 +257,8 @@ def describe(
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(EXIT_FAILED) from None
     for row in df.iter_rows(named=True):
-        text = f"unsure (best guess: {row['description']})" if row["unsure"] else row["description"]
+        text = (f"unsure (best guess: {row['description']})" if row["unsure"] else
+                f"no behaviour it knows ({row['description']})" if row["no_behavior"] else row["description"])
         sure = f"\tconfidence {row['confidence']:.2f}" if row["confidence"] is not None else ""
         typer.echo(f"{row['diff']}\t{text}{sure}")
 

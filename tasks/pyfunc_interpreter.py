@@ -6,7 +6,7 @@
 Input: weight-diff references (diff .safetensors files, PEFT adapter dirs, or stored diff ids) as a
 list of strings or a DataFrame with a `diff` column. Output: one description per diff; with
 `params={"details": True}` one record per diff instead: diff, description, confidence, margin, best_label,
-unsure (docs/confidence.md).
+unsure, no_behavior (docs/confidence.md).
 
 The model travels without the training machine: `dit_core` rides along as logged code, third-party
 packages are pinned in its requirements, and the base model is recorded by identity

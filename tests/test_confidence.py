@@ -19,6 +19,7 @@ from dit_core.interpreter.confidence import (
     is_unsure,
     label_scores,
     noise_diffs,
+    null_factors,
     zero_diffs,
 )
 from dit_core.modeling.models import load_model
@@ -83,6 +84,69 @@ def test_noise_diffs_match_each_module_norm_and_zero_diffs():
     assert all(not v.any() for v in [*zA.values(), *zB.values()])
 
 
+def test_null_factors_replace_only_the_rows_they_name():
+    g = torch.Generator().manual_seed(5)
+    A = {"m1": torch.randn(4, 2, 5, generator=g), "m2": torch.randn(4, 2, 7, generator=g)}
+    B = {"m1": torch.randn(4, 3, 2, generator=g), "m2": torch.randn(4, 6, 2, generator=g)}
+    before = {m: (A[m].clone(), B[m].clone()) for m in A}
+    nA, nB = null_factors(A, B, ["", "noise", "zero", "noise"], [0, 11, 0, 12])
+    for m in A:
+        assert torch.equal(A[m], before[m][0]) and torch.equal(B[m], before[m][1])  # inputs untouched
+        assert torch.equal(nA[m][0], A[m][0]) and torch.equal(nB[m][0], B[m][0])  # "" keeps the diff
+        assert not nA[m][2].any() and not nB[m][2].any()  # the zero diff
+        for i in (1, 3):  # noise of that diff's per-module size, not the diff
+            want = torch.linalg.matrix_norm(B[m][i].double() @ A[m][i].double())
+            got = torch.linalg.matrix_norm(nB[m][i].double() @ nA[m][i].double())
+            assert torch.allclose(got, want, rtol=1e-5) and not torch.allclose(nA[m][i], A[m][i])
+        assert not torch.allclose(nA[m][1], nA[m][3])  # each row its own seed
+    again = null_factors(A, B, ["", "noise", "zero", "noise"], [0, 11, 0, 12])[0]
+    assert all(torch.equal(again[m], nA[m]) for m in A)  # seeded
+    with pytest.raises(ValueError, match="null kind 'nois'"):
+        null_factors(A, B, ["nois", "", "", ""], [0] * 4)
+
+
+def _recipe(tiny_model_dir, tmp, *overrides):
+    from dit_core.interpreter.training import InterpreterRecipe
+
+    lm = load_model(tiny_model_dir, "cpu", "float32")
+    make_toy_store(tmp / "diffs", lm, per_label=4)
+    assemble([tmp / "diffs"], tmp / "ds", section("assemble", val_fraction=0.25, test_fraction=0.25,
+                                                  min_trigger_hit=0.5, max_wrong_prefix_hit=0.5, max_no_trigger_hit=0.25))
+    p = load_params(PARAMS, tiny_overrides(tiny_model_dir, tmp / "data") + list(overrides))
+    recipe = InterpreterRecipe(p, lm, tmp / "ds", tmp / "interp", progress=False)
+    recipe.setup()
+    return recipe
+
+
+def test_each_epoch_adds_no_behaviour_rows(tiny_model_dir, tmp_path):
+    recipe = _recipe(tiny_model_dir, tmp_path, "interpreter.null_rate=0.5", "interpreter.null_answer=nothing")
+    n_train = recipe.train_df.height
+    assert recipe.n_null == round(0.5 * n_train) and recipe.spec.null_answer == "nothing"
+    rows = recipe._epoch_rows(0)
+    nulls = rows.filter(pl.col("null") != "")
+    assert rows.height == n_train + recipe.n_null and sorted(rows.filter(pl.col("null") == "")["diff_id"]) == \
+        sorted(recipe.train_df["diff_id"])  # every training diff once
+    assert (nulls["label"] == "nothing").all() and set(nulls["diff_id"]) <= set(recipe.train_df["diff_id"])
+    assert nulls["null"].to_list().count("zero") == recipe.n_null // 4
+    assert ("hidden_topic", "nothing") in recipe.examples
+    # new noise each epoch, the same on a rerun (resume)
+    assert rows["null_seed"].to_list() == recipe._epoch_rows(0)["null_seed"].to_list()
+    assert set(nulls["null_seed"]).isdisjoint(recipe._epoch_rows(1).filter(pl.col("null") != "")["null_seed"])
+    # the batch of a null row carries the replaced diff with the null answer's example
+    row = nulls.filter(pl.col("null") == "noise").head(1)
+    A, B, _, ex = recipe._batch(row)
+    real = recipe.bank.get(row["diff_id"].to_list())
+    m = next(iter(A))
+    assert not torch.allclose(A[m], real[0][m]) and ex == [recipe.examples[("hidden_topic", "nothing")]]
+    plain = _recipe(tiny_model_dir, tmp_path / "off", "interpreter.null_rate=0")
+    assert plain.n_null == 0 and plain.spec.null_answer is None and "null" not in plain._epoch_rows(0).columns
+
+
+def test_a_null_answer_that_is_a_label_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match=f"null_answer={LABELS[0]!r} is the label of"):
+        _recipe(tiny_model_dir, tmp_path, "interpreter.null_rate=0.25", f"interpreter.null_answer={LABELS[0]}")
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     from dit_core.interpreter.training import InterpreterRecipe
@@ -104,7 +168,9 @@ def trained(tiny_model_dir, tmp_path_factory):
 def test_training_records_labels_and_the_val_threshold(trained):
     p, lm, tmp, summary = trained
     spec = json.loads((tmp / "interp" / "interpreter.json").read_text())
-    assert spec["labels"] == {"hidden_topic": sorted(LABELS)}
+    # the training labels, then the answer trained on no-behaviour diffs (interpreter.null_answer)
+    assert spec["labels"] == {"hidden_topic": sorted(LABELS) + ["none"]} and spec["null_answer"] == "none"
+    assert summary["n_null"] == round(p.interpreter.null_rate * summary["n_train"]) > 0
     cal = spec["calibration"]["hidden_topic"]
     ds = pl.read_parquet(tmp / "ds" / "dataset.parquet")
     assert cal["n"] == ds.filter(pl.col("split") == "val").height and cal["target"] == 0.75
@@ -119,8 +185,9 @@ def test_describe_returns_confidence_and_unsure(trained):
     ds = pl.read_parquet(tmp / "ds" / "dataset.parquet").filter(pl.col("split") == "test").sort("diff_id")
     shard = tmp / "diffs" / sorted(p.name for p in (tmp / "diffs").glob("*.safetensors"))[0]
     got = describe(lm, tmp / "interp", ds["diff_id"].to_list(), [tmp / "diffs"], max_new_tokens=6)
-    assert got.columns == ["diff", "description", "confidence", "margin", "best_label", "unsure"]
-    assert got["confidence"].is_between(1 / len(LABELS), 1).all() and got["unsure"].dtype == pl.Boolean
+    assert got.columns == ["diff", "description", "confidence", "margin", "best_label", "unsure", "no_behavior"]
+    assert got["confidence"].is_between(1 / (len(LABELS) + 1), 1).all() and got["unsure"].dtype == pl.Boolean
+    assert (got["no_behavior"] == (got["best_label"] == "none")).all()
     threshold = json.loads((tmp / "interp" / "interpreter.json").read_text())["calibration"]["hidden_topic"]["threshold"]
     assert (got["unsure"] == (got["confidence"] < threshold)).all()
     acc = (got["best_label"] == ds["label"]).mean()
@@ -198,6 +265,12 @@ def test_evaluate_reports_coverage_and_confident_wrong_rates(trained):
     assert conf["calibrated"] and conf["threshold"] is not None and 0 <= conf["test_coverage"] <= 1
     assert set(conf["ood"]) == {"noise", "zero"}  # one behaviour: no other behaviour's diffs
     assert conf["ood"]["noise"]["n"] == n_test and conf["ood"]["zero"]["n"] == 1
+    # trained to answer "none" on no-behaviour diffs: random ones are answered so more often than the test
+    # diffs, the zero diff is; a diff answered "none" is never counted as confidently wrong
+    assert conf["null_answer"] == "none" and conf["n_labels"] == len(LABELS) + 1
+    assert conf["ood"]["zero"]["answered_null"] == 1.0 and conf["ood"]["zero"]["confident_wrong"] == 0.0
+    assert conf["ood"]["noise"]["answered_null"] > conf["test_answered_null"], conf
+    assert 'answered "none"' in (tmp / "reports" / "table.md").read_text()
     for o in conf["ood"].values():
         assert 0 <= o["confident_wrong"] <= 1 and 0 < o["mean_confidence"] <= 1
     table = (tmp / "reports" / "table.md").read_text()

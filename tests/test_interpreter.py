@@ -121,8 +121,10 @@ def test_interpreter_files_are_validated(toy, tmp_path):
 
 def test_projection_interpreter_learns_toy_rule(toy):
     p, lm, tmp, _ = toy
+    # without no-behaviour rows: with them (null_rate 0.25) this projection learned none of the rule (0/8)
     p = p.model_copy(update={"interpreter": p.interpreter.model_copy(update={
-        "kind": "projection", "projection_lora": True, "n_soft_tokens": 2, "lr": 0.003, "epochs": 60, "patience": 60})})
+        "kind": "projection", "projection_lora": True, "n_soft_tokens": 2, "lr": 0.003, "epochs": 60, "patience": 60,
+        "null_rate": 0.0})})
     summary = InterpreterRecipe(p, lm, tmp / "ds", tmp / "proj", progress=False).run()
     first = pl.read_csv(tmp / "proj" / "train_log.csv")["val_loss"][0]
     assert summary["kind"] == "projection" and summary["best_val"] < first / 2, summary
@@ -177,7 +179,8 @@ def test_step_losses_read_once_per_epoch_log_the_same(toy):
         recipe.run()
         logs[name] = seen
     steps = [(s, m["train_loss"]) for s, m in logs["each"] if "train_loss" in m]
-    assert len(steps) == 2 * 7  # 28 train diffs / batch 4, two epochs
+    n_null = round(p.interpreter.null_rate * 28)  # no-behaviour rows each epoch (7 at the default 0.25)
+    assert len(steps) == 2 * -(-(28 + n_null) // 4)  # (28 train diffs + n_null rows) / batch 4, two epochs
     assert [(s, m.get("train_loss"), m.get("lr")) for s, m in logs["each"]] == \
         [(s, m.get("train_loss"), m.get("lr")) for s, m in logs["epoch"]]
     assert pl.read_csv(tmp / "each" / "train_log.csv").equals(pl.read_csv(tmp / "epoch" / "train_log.csv"))

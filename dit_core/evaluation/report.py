@@ -73,11 +73,14 @@ def confidence_table(conf: dict | None) -> str:
              "n labels |", "|---" * 6 + "|",
              f"| {_num(conf.get('area'))} | {_num(conf.get('threshold'), '{:.3f}')} | {_num(conf.get('test_coverage'))} "
              f"| {_num(conf.get('test_accuracy_kept'))} | {_num(conf.get('test_confident_wrong'))} | "
-             f"{conf.get('n_labels', '')} |",
-             "", "| out-of-distribution diffs | n | mean confidence | confident (wrong) rate |", "|---" * 4 + "|"]
+             f"{conf.get('n_labels', '')} |", ""]
+    null = conf.get("null_answer")  # the interpreter's no-behaviour answer, when it was trained with one
+    head = ["out-of-distribution diffs", "n", "mean confidence", "confident (wrong) rate"]
+    head += [f'answered "{null}"'] if null else []
+    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for kind, o in conf.get("ood", {}).items():
         lines.append(f"| {OOD_NAMES.get(kind, kind)} | {o['n']} | {_num(o['mean_confidence'])} | "
-                     f"{_num(o['confident_wrong'])} |")
+                     f"{_num(o['confident_wrong'])} |" + (f" {_num(o.get('answered_null'))} |" if null else ""))
     if not conf.get("calibrated"):
         note = ("\nNo unsure threshold recorded (an interpreter trained without validation diffs or before it was "
                 "recorded): rates need one.\n")

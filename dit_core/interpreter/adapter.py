@@ -51,6 +51,10 @@ class InterpreterSpec:
     # Recorded when training ends (dit_core.interpreter.confidence); None in interpreters saved before:
     labels: dict[str, list[str]] | None = None  # behaviour -> its training labels (confidence vocabulary)
     calibration: dict[str, dict] | None = None  # behaviour -> unsure threshold chosen on val
+    # The answer it was trained to give on diffs with no behaviour it knows (random and zero diffs), and
+    # how many such rows per training diff; None / 0 in interpreters trained without them.
+    null_answer: str | None = None
+    null_rate: float = 0.0
 
     def question_for(self, behavior: str | None, unknown: str | None = None) -> str:
         """The question asked about a diff of `behavior`: the one it was trained with; for a behaviour the
@@ -154,6 +158,7 @@ def _check_spec_text(where: Path, spec: InterpreterSpec) -> None:
     texts = [("question", spec.question, MAX_QUESTION_CHARS)]
     texts += [(f"questions.{b}", q, MAX_QUESTION_CHARS) for b, q in (spec.questions or {}).items()]
     texts += [(f"labels.{b}", lab, MAX_LABEL_CHARS) for b, labs in (spec.labels or {}).items() for lab in labs]
+    texts += [("null_answer", spec.null_answer, MAX_LABEL_CHARS)] if spec.null_answer is not None else []
     for key, text, limit in texts:
         if not isinstance(text, str):
             raise InterpreterFileError(f"{where}: {key} is a {type(text).__name__}, not a string; retrain or re-download it")

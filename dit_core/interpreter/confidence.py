@@ -21,6 +21,13 @@ recorded in interpreter.json (`calibration`: behaviour -> threshold, target, val
 If no set reaches the target, `threshold` is null and every answer is unsure. An answer is unsure when
 its confidence is below the threshold.
 
+No-behaviour answer. An interpreter trained with `interpreter.null_rate` > 0 also learned to answer
+`null_answer` (default "none") on random diffs of a training diff's size and on the zero diff
+(`null_factors`, dit_core/interpreter/training.py). That answer joins the vocabulary (last), so the
+confidence of a known label is its probability against "none" as well as against the other labels; a
+diff whose best label is the null answer is reported with `no_behavior` true, and an out-of-distribution
+diff counts as confidently wrong only when it is confidently named a known label.
+
 Interpreters saved before labels were recorded describe as before with confidence and unsure null; ones
 with labels but no calibration (no validation diffs) give a confidence and unsure null.
 
@@ -133,16 +140,19 @@ def behavior_key(spec: InterpreterSpec, behavior: str | None) -> str | None:
 
 
 def calibrate(interp, tokenizer, questions: dict[str, str], train_df: pl.DataFrame, val_df: pl.DataFrame,
-              bank, device, target: float, batch_size: int = 16) -> tuple[dict[str, list[str]], dict[str, dict]]:
-    """Each behaviour's label vocabulary (its training labels) and, where it has validation diffs, the
-    unsure threshold chosen on them (`choose_threshold` at `target`); `interp` holds the kept weights and
-    `bank` (a DiffBank) has the val diffs."""
+              bank, device, target: float, batch_size: int = 16, null_answer: str | None = None
+              ) -> tuple[dict[str, list[str]], dict[str, dict]]:
+    """Each behaviour's label vocabulary (its training labels, then `null_answer` when the interpreter was
+    trained with one) and, where it has validation diffs, the unsure threshold chosen on them
+    (`choose_threshold` at `target`); `interp` holds the kept weights and `bank` (a DiffBank) has the val
+    diffs."""
     labels: dict[str, list[str]] = {}
     calibration: dict[str, dict] = {}
     for behavior, question in questions.items():
         vocab = sorted(train_df.filter(pl.col("behavior") == behavior)["label"].unique().to_list())
         if not vocab:
             continue
+        vocab += [null_answer] if null_answer is not None else []
         labels[behavior] = vocab
         val = val_df.filter(pl.col("behavior") == behavior)
         if val.height == 0:
@@ -186,7 +196,8 @@ def recalibrate(lm, interpreter_dir: str | Path, dataset_dir: str | Path, target
     train, val = df.filter(pl.col("split") == "train"), df.filter(pl.col("split") == "val")
     questions = spec.questions or {b: spec.question for b in train["behavior"].head(1)}
     labels, calibration = calibrate(interp, lm.tokenizer, questions, train, val,
-                                    DiffBank(val, dm.shapes(), lm.sha256), lm.device, target, batch_size)
+                                    DiffBank(val, dm.shapes(), lm.sha256), lm.device, target, batch_size,
+                                    spec.null_answer)
     sha = json.loads((interpreter_dir / SPEC).read_text()).get(WEIGHTS_SHA256)
     write_json_atomic(interpreter_dir / SPEC, asdict(spec) | {"labels": labels, "calibration": calibration}
                       | ({WEIGHTS_SHA256: sha} if sha else {}))
@@ -195,16 +206,18 @@ def recalibrate(lm, interpreter_dir: str | Path, dataset_dir: str | Path, target
 
 def describe_confidence(interp, tokenizer, behavior: str | None, question: str, diffs: Diffs,
                         n: int) -> list[dict]:
-    """Per diff row 0..n-1: confidence, margin, best_label, unsure (all None for an interpreter without a
-    label vocabulary)."""
+    """Per diff row 0..n-1: confidence, margin, best_label, unsure, no_behavior (best label is the null
+    answer; all None for an interpreter without a label vocabulary)."""
     key = behavior_key(interp.spec, behavior)
     vocab = (interp.spec.labels or {}).get(key) if key else None
     if not vocab:
-        return [{"confidence": None, "margin": None, "best_label": None, "unsure": None} for _ in range(n)]
+        return [{"confidence": None, "margin": None, "best_label": None, "unsure": None, "no_behavior": None}
+                for _ in range(n)]
     calib = (interp.spec.calibration or {}).get(key)
     conf = from_scores(label_scores(interp, tokenizer, question, vocab, diffs, list(range(n))), vocab)
     return [{"confidence": float(c), "margin": float(m) if math.isfinite(m) else None, "best_label": b,
-             "unsure": is_unsure(float(c), calib)} for b, c, m in zip(conf.best, conf.confidence, conf.margin)]
+             "unsure": is_unsure(float(c), calib), "no_behavior": b == interp.spec.null_answer}
+            for b, c, m in zip(conf.best, conf.confidence, conf.margin)]
 
 
 # -- out-of-distribution diffs -------------------------------------------------------------------
@@ -230,6 +243,25 @@ def noise_diffs(A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], seed: in
         a = a * (target / have.clamp_min(1e-30)).view(-1, 1, 1)
         nA[m], nB[m] = a.to(A[m].dtype).to(A[m].device), b.to(B[m].dtype).to(B[m].device)
     return nA, nB
+
+
+def null_factors(A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], kinds: list[str], seeds: list[int]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Copies of stacked factors with diff i replaced by a no-behaviour diff: kinds[i] "noise" (random
+    factors with that diff's per-module Frobenius norms, `noise_diffs` seeded seeds[i]) or "zero"; "" keeps
+    diff i. The inputs are not modified."""
+    A, B = {m: v.clone() for m, v in A.items()}, {m: v.clone() for m, v in B.items()}
+    for i, (kind, seed) in enumerate(zip(kinds, seeds)):
+        if kind == "noise":
+            nA, nB = noise_diffs({m: v[i : i + 1] for m, v in A.items()}, {m: v[i : i + 1] for m, v in B.items()}, seed)
+            for m in A:
+                A[m][i], B[m][i] = nA[m][0], nB[m][0]
+        elif kind == "zero":
+            for m in A:
+                A[m][i], B[m][i] = 0.0, 0.0
+        elif kind:
+            raise ValueError(f"null kind {kind!r} of row {i}: expected 'noise', 'zero' or ''")
+    return A, B
 
 
 def zero_diffs(A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], n: int = 1
@@ -262,6 +294,7 @@ def evaluate_confidence(ev: Evaluator, dataset_dir: str | Path) -> dict | None:
 
     spec, name, tok = ev.interp.spec, ev.behavior.name, ev.lm.tokenizer
     vocab = (spec.labels or {}).get(name) or sorted(ev.train["label"].unique().to_list())
+    null = spec.null_answer if spec.null_answer in vocab else None
     if not vocab:
         return None
     calib = (spec.calibration or {}).get(name)
@@ -272,13 +305,19 @@ def evaluate_confidence(ev: Evaluator, dataset_dir: str | Path) -> dict | None:
 
     test = run(ev.diffs, list(range(n)), "confidence: test")
     correct = [b == g for b, g in zip(test.best, ev.test["label"])]
-    out = {"score": SCORE, "n_labels": len(vocab), "calibrated": calib is not None,
+    out = {"score": SCORE, "n_labels": len(vocab), "null_answer": null, "calibrated": calib is not None,
            "threshold": calib.get("threshold") if calib else None, "target": calib.get("target") if calib else None,
            "curve": accuracy_coverage(test.confidence, correct), "mean_confidence": float(test.confidence.mean())}
     out["area"] = out["curve"]["area"]
 
     def confident(c: Confidence) -> np.ndarray:
-        return np.array([is_unsure(float(x), calib) is False for x in c.confidence])
+        """Confidently named a known label (the null answer names none)."""
+        return np.array([is_unsure(float(x), calib) is False and b != null for b, x in zip(c.best, c.confidence)])
+
+    def answered_null(c: Confidence) -> float | None:
+        return float(np.mean([b == null for b in c.best])) if null is not None else None
+
+    out["test_answered_null"] = answered_null(test)
 
     if calib is not None:
         kept = confident(test)
@@ -298,6 +337,7 @@ def evaluate_confidence(ev: Evaluator, dataset_dir: str | Path) -> dict | None:
         odiffs = ({k: v.to(dev) for k, v in oA.items()}, {k: v.to(dev) for k, v in oB.items()}, oscale.to(dev))
         ood["other_behavior"] = run(odiffs, list(range(other.height)), "confidence: other behaviour")
     out["ood"] = {kind: {"n": len(c.best), "mean_confidence": float(c.confidence.mean()),
-                         "confident_wrong": float(confident(c).mean()) if calib is not None else None}
+                         "confident_wrong": float(confident(c).mean()) if calib is not None else None,
+                         "answered_null": answered_null(c)}
                   for kind, c in ood.items()}
     return out

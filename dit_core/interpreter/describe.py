@@ -18,7 +18,7 @@ from dit_core.modeling.models import LoadedModel
 from dit_core.modeling.peft_io import import_peft
 
 DESCRIBE_SCHEMA = {"diff": pl.String, "description": pl.String, "confidence": pl.Float64, "margin": pl.Float64,
-                   "best_label": pl.String, "unsure": pl.Boolean}
+                   "best_label": pl.String, "unsure": pl.Boolean, "no_behavior": pl.Boolean}
 
 
 def _id_bank(ids: list[str], stores: list[Path], shapes: dict, base_sha256: str, cache_bytes: int) -> DiffBank:
@@ -93,8 +93,9 @@ def describe(lm: LoadedModel, interpreter_dir: str | Path, refs: list[str], stor
              cache_bytes: int = 512 * 2**20) -> pl.DataFrame:
     """One description per diff (in batches of `batch_size`, read as they are reached): columns diff, description, and how sure the
     interpreter is (`dit_core.interpreter.confidence`): confidence (the best known label's probability),
-    margin, best_label, unsure (confidence below the threshold chosen on val); null for an interpreter
-    saved without a label vocabulary (unsure null also where it has no threshold).
+    margin, best_label, unsure (confidence below the threshold chosen on val), no_behavior (the best label
+    is the answer it was trained to give on diffs with no behaviour, interpreter.null_answer); null for an
+    interpreter saved without a label vocabulary (unsure null also where it has no threshold).
 
     behavior: ask that behaviour's question (one the interpreter was trained with); default its first.
     any_base: accept PEFT adapters that record another base model (see `import_peft`).

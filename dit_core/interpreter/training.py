@@ -39,6 +39,7 @@ from dit_core.interpreter.adapter import (
     label_example,
     save_interpreter,
 )
+from dit_core.interpreter.confidence import calibrate, null_factors
 from dit_core.io import atomic_path, compare_record, move_aside, write_json_atomic
 from dit_core.modeling.lora import DiffModel
 from dit_core.modeling.models import LoadedModel, sha256_file
@@ -115,13 +116,25 @@ class InterpreterRecipe:
             rank=self.cfg.rank, alpha=self.cfg.alpha,
             modules=self.p.diffs.modules, base_model=self.lm.name, base_sha256=self.lm.sha256,
             data_version=dataset_version(self.dataset_path), n_soft_tokens=self.cfg.n_soft_tokens,
-            projection_hidden=self.cfg.projection_hidden, projection_lora=self.cfg.projection_lora)
+            projection_hidden=self.cfg.projection_hidden, projection_lora=self.cfg.projection_lora,
+            null_answer=self.cfg.null_answer if self.cfg.null_rate > 0 else None, null_rate=self.cfg.null_rate)
         torch.manual_seed(self.cfg.seed)
         self.interp = build_interpreter(self.dm, self.spec, self.lm.tokenizer, self.cfg.init_std)
         self.opt = torch.optim.AdamW(self.interp.parameters(), lr=self.cfg.lr, weight_decay=0.0)
         self.examples = {(b, lab): label_example(self.lm.tokenizer, questions[b], lab)
                          for b, lab in fit.select("behavior", "label").unique().iter_rows()}
-        steps_per_epoch = math.ceil(self.train_df.height / (self.cfg.batch_size * self.cfg.grad_accum))
+        # No-behaviour rows (interpreter.null_rate): answered null_answer, asked each behaviour's question.
+        self.n_null = max(1, round(self.cfg.null_rate * self.train_df.height)) if self.cfg.null_rate > 0 else 0
+        if self.n_null:
+            clash = fit.filter(pl.col("label") == self.cfg.null_answer)
+            if clash.height:
+                raise ValueError(f"{self.dataset_path}: interpreter.null_answer={self.cfg.null_answer!r} is the label of "
+                                 f"{clash.height} diffs (e.g. {clash['diff_id'][0]}); set another null_answer or "
+                                 "interpreter.null_rate=0")
+            self.examples |= {(b, self.cfg.null_answer): label_example(self.lm.tokenizer, q, self.cfg.null_answer)
+                              for b, q in questions.items()}
+        rows_per_epoch = self.train_df.height + self.n_null
+        steps_per_epoch = math.ceil(rows_per_epoch / (self.cfg.batch_size * self.cfg.grad_accum))
         self.total_steps = steps_per_epoch * self.cfg.epochs
         self.state = {"epoch": 0, "step": 0, "best_val": None, "best_epoch": None, "bad_epochs": 0,
                       "spec": self.spec.__dict__}
@@ -171,9 +184,27 @@ class InterpreterRecipe:
         return self.cfg.lr * warmup_cosine(step, self.total_steps, self.cfg.warmup_steps, floor=0.05,
                                            cosine=self.cfg.schedule == "cosine")
 
+    def _epoch_rows(self, epoch: int) -> pl.DataFrame:
+        """The epoch's training rows, shuffled: every training diff once and `n_null` no-behaviour rows,
+        each a copy of a random training row (its behaviour's question) with label null_answer and the
+        diff replaced (`null`: "noise", random factors of that diff's per-module size seeded by
+        `null_seed`, new each epoch; "zero", one row in four: the zero diff)."""
+        seed = self.cfg.seed + epoch
+        if not self.n_null:
+            return self.train_df.sample(fraction=1.0, shuffle=True, seed=seed)
+        n, height = self.n_null, self.train_df.height
+        copies = self.train_df.sample(n=n, with_replacement=n > height, shuffle=True, seed=seed)
+        nulls = copies.with_columns(label=pl.lit(self.cfg.null_answer),
+                                    null=pl.Series(["zero" if i % 4 == 3 else "noise" for i in range(n)]),
+                                    null_seed=pl.Series([seed * 1_000_003 + i for i in range(n)], dtype=pl.Int64))
+        real = self.train_df.with_columns(null=pl.lit(""), null_seed=pl.lit(0, dtype=pl.Int64))
+        return pl.concat([real, nulls]).sample(fraction=1.0, shuffle=True, seed=seed)
+
     def _batch(self, rows: pl.DataFrame):
         ids = rows["diff_id"].to_list()
         A, B, scale = self.bank.get(ids)
+        if "null" in rows.columns and (rows["null"] != "").any():
+            A, B = null_factors(A, B, rows["null"].to_list(), rows["null_seed"].to_list())
         dev = self.lm.device
         A = {k: v.to(dev) for k, v in A.items()}
         B = {k: v.to(dev) for k, v in B.items()}
@@ -249,7 +280,7 @@ class InterpreterRecipe:
             rng.random()  # keep shuffles reproducible across resumes
         while self.state["epoch"] < cfg.epochs and self.state["bad_epochs"] < cfg.patience:
             epoch = self.state["epoch"]
-            order = self.train_df.sample(fraction=1.0, shuffle=True, seed=cfg.seed + epoch)
+            order = self._epoch_rows(epoch)
             micro = [order.slice(i, cfg.batch_size) for i in range(0, order.height, cfg.batch_size)]
             bar = tqdm(range(0, len(micro), cfg.grad_accum), desc=f"interpreter epoch {epoch + 1}/{cfg.epochs}",
                        disable=not self.progress)
@@ -312,15 +343,13 @@ class InterpreterRecipe:
         best = self.ckpt_dir / self.state.get("files", {}).get("best", "best.safetensors")
         state = self._load_checkpoint("best") if best.exists() else self.interp.state()
         # The kept weights give each behaviour's label vocabulary and unsure threshold (chosen on val).
-        from dit_core.interpreter.confidence import calibrate
-
         self.interp.load_state(state)
         labels, calibration = calibrate(self.interp, self.lm.tokenizer, self.spec.questions or {}, self.train_df,
                                         self.val_df, self.bank, self.lm.device, self.cfg.unsure_accuracy,
-                                        self.cfg.batch_size)
+                                        self.cfg.batch_size, self.spec.null_answer)
         save_interpreter(self.out_dir, replace(self.spec, labels=labels, calibration=calibration), state)
         summary = {k: self.state[k] for k in ("epoch", "step", "best_val", "best_epoch")}
-        summary.update(n_train=self.train_df.height, n_val=self.val_df.height, kind=self.spec.kind,
+        summary.update(n_train=self.train_df.height, n_null=self.n_null, n_val=self.val_df.height, kind=self.spec.kind,
                        data_version=self.spec.data_version, samples=self.state.get("samples", []),
                        calibration=calibration)
         write_json_atomic(self.out_dir / "summary.json", summary)
