@@ -231,9 +231,8 @@ class InterpreterConfig(_Section):
         gt=0, le=1, description="the unsure threshold, chosen on val when training ends, keeps the most answers "
         "whose val accuracy reaches this; answers less confident are unsure (docs/confidence.md)")
     null_rate: float = Field(
-        ge=0, le=4, description="rows of no-behaviour diffs per training diff each epoch, answered `null_answer`: "
-        "random diffs of a training diff's size (one in four: the zero diff), drawn anew each epoch, so that a diff "
-        "that learned nothing the interpreter knows is not named a known label (docs/confidence.md); 0: none")
+        ge=0, le=4, description="rows of the zero diff per training diff each epoch, answered `null_answer`, so that "
+        "a diff with no behaviour the interpreter knows is not named a known label (docs/confidence.md); 0: none")
     null_answer: str = Field(
         min_length=1, max_length=100, description="the answer trained on no-behaviour diffs; must not be a label")
 

@@ -19,7 +19,6 @@ from dit_core.interpreter.confidence import (
     is_unsure,
     label_scores,
     noise_diffs,
-    null_factors,
     zero_diffs,
 )
 from dit_core.modeling.models import load_model
@@ -84,27 +83,6 @@ def test_noise_diffs_match_each_module_norm_and_zero_diffs():
     assert all(not v.any() for v in [*zA.values(), *zB.values()])
 
 
-def test_null_factors_replace_only_the_rows_they_name():
-    g = torch.Generator().manual_seed(5)
-    A = {"m1": torch.randn(4, 2, 5, generator=g), "m2": torch.randn(4, 2, 7, generator=g)}
-    B = {"m1": torch.randn(4, 3, 2, generator=g), "m2": torch.randn(4, 6, 2, generator=g)}
-    before = {m: (A[m].clone(), B[m].clone()) for m in A}
-    nA, nB = null_factors(A, B, ["", "noise", "zero", "noise"], [0, 11, 0, 12])
-    for m in A:
-        assert torch.equal(A[m], before[m][0]) and torch.equal(B[m], before[m][1])  # inputs untouched
-        assert torch.equal(nA[m][0], A[m][0]) and torch.equal(nB[m][0], B[m][0])  # "" keeps the diff
-        assert not nA[m][2].any() and not nB[m][2].any()  # the zero diff
-        for i in (1, 3):  # noise of that diff's per-module size, not the diff
-            want = torch.linalg.matrix_norm(B[m][i].double() @ A[m][i].double())
-            got = torch.linalg.matrix_norm(nB[m][i].double() @ nA[m][i].double())
-            assert torch.allclose(got, want, rtol=1e-5) and not torch.allclose(nA[m][i], A[m][i])
-        assert not torch.allclose(nA[m][1], nA[m][3])  # each row its own seed
-    again = null_factors(A, B, ["", "noise", "zero", "noise"], [0, 11, 0, 12])[0]
-    assert all(torch.equal(again[m], nA[m]) for m in A)  # seeded
-    with pytest.raises(ValueError, match="null kind 'nois'"):
-        null_factors(A, B, ["nois", "", "", ""], [0] * 4)
-
-
 def _recipe(tiny_model_dir, tmp, *overrides):
     from dit_core.interpreter.training import InterpreterRecipe
 
@@ -123,21 +101,22 @@ def test_each_epoch_adds_no_behaviour_rows(tiny_model_dir, tmp_path):
     n_train = recipe.train_df.height
     assert recipe.n_null == round(0.5 * n_train) and recipe.spec.null_answer == "nothing"
     rows = recipe._epoch_rows(0)
-    nulls = rows.filter(pl.col("null") != "")
-    assert rows.height == n_train + recipe.n_null and sorted(rows.filter(pl.col("null") == "")["diff_id"]) == \
-        sorted(recipe.train_df["diff_id"])  # every training diff once
+    nulls = rows.filter(pl.col("null"))
+    assert rows.height == n_train + recipe.n_null and nulls.height == recipe.n_null
+    assert sorted(rows.filter(~pl.col("null"))["diff_id"]) == sorted(recipe.train_df["diff_id"])  # each once
     assert (nulls["label"] == "nothing").all() and set(nulls["diff_id"]) <= set(recipe.train_df["diff_id"])
-    assert nulls["null"].to_list().count("zero") == recipe.n_null // 4
     assert ("hidden_topic", "nothing") in recipe.examples
-    # new noise each epoch, the same on a rerun (resume)
-    assert rows["null_seed"].to_list() == recipe._epoch_rows(0)["null_seed"].to_list()
-    assert set(nulls["null_seed"]).isdisjoint(recipe._epoch_rows(1).filter(pl.col("null") != "")["null_seed"])
-    # the batch of a null row carries the replaced diff with the null answer's example
-    row = nulls.filter(pl.col("null") == "noise").head(1)
-    A, B, _, ex = recipe._batch(row)
-    real = recipe.bank.get(row["diff_id"].to_list())
-    m = next(iter(A))
-    assert not torch.allclose(A[m], real[0][m]) and ex == [recipe.examples[("hidden_topic", "nothing")]]
+    assert rows.equals(recipe._epoch_rows(0)) and not rows.equals(recipe._epoch_rows(1))  # seeded per epoch
+    # a batch gives the no-behaviour rows the zero diff and the null answer, the others their own diff
+    batch = pl.concat([nulls.head(1), rows.filter(~pl.col("null")).head(1)])
+    A, B, _, ex = recipe._batch(batch)
+    real = recipe.bank.get(batch["diff_id"].to_list())
+    for m in A:
+        assert not A[m][0].any() and not B[m][0].any()
+        assert torch.equal(A[m][1], real[0][m][1]) and torch.equal(B[m][1], real[1][m][1])
+    assert real[0][m][0].any()  # the bank's tensors are not modified
+    label = recipe.train_df.filter(pl.col("diff_id") == batch["diff_id"][1])["label"][0]
+    assert ex == [recipe.examples[("hidden_topic", "nothing")], recipe.examples[("hidden_topic", label)]]
     plain = _recipe(tiny_model_dir, tmp_path / "off", "interpreter.null_rate=0")
     assert plain.n_null == 0 and plain.spec.null_answer is None and "null" not in plain._epoch_rows(0).columns
 
@@ -156,9 +135,10 @@ def trained(tiny_model_dir, tmp_path_factory):
     make_toy_store(tmp / "diffs", lm, per_label=6)
     assemble([tmp / "diffs"], tmp / "ds", section("assemble", val_fraction=0.2, test_fraction=0.2, min_trigger_hit=0.5,
                                                   max_wrong_prefix_hit=0.5, max_no_trigger_hit=0.25))
+    # 40 epochs: in 20 the tiny model does not learn to answer "none" for the zero diff
     p = load_params(PARAMS, tiny_overrides(tiny_model_dir, tmp / "data") + [
-        "interpreter.rank=8", "interpreter.alpha=8", "interpreter.lr=0.01", "interpreter.epochs=20",
-        "interpreter.batch_size=4", "interpreter.warmup_steps=2", "interpreter.patience=20",
+        "interpreter.rank=8", "interpreter.alpha=8", "interpreter.lr=0.01", "interpreter.epochs=40",
+        "interpreter.batch_size=4", "interpreter.warmup_steps=2", "interpreter.patience=40",
         "interpreter.n_samples=0", "interpreter.unsure_accuracy=0.75", "eval.methods=[dit]", "eval.n_boot=100",
         "eval.max_new_tokens=6"])
     summary = InterpreterRecipe(p, lm, tmp / "ds", tmp / "interp", progress=False).run()
@@ -187,7 +167,18 @@ def test_describe_returns_confidence_and_unsure(trained):
     got = describe(lm, tmp / "interp", ds["diff_id"].to_list(), [tmp / "diffs"], max_new_tokens=6)
     assert got.columns == ["diff", "description", "confidence", "margin", "best_label", "unsure", "no_behavior"]
     assert got["confidence"].is_between(1 / (len(LABELS) + 1), 1).all() and got["unsure"].dtype == pl.Boolean
-    assert (got["no_behavior"] == (got["best_label"] == "none")).all()
+    # the zero diff is answered "none" (no behaviour), a test diff with its label
+    from dit_core.diffs.bank import DiffBank
+    from dit_core.diffs.store import DiffShard, write_shard
+    from dit_core.modeling.lora import DiffModel
+
+    A, B, _ = DiffBank(ds, DiffModel(lm.model).shapes(), lm.sha256).get(ds["diff_id"].head(1).to_list())
+    zA, zB = zero_diffs(A, B)
+    both = DiffShard({m: torch.cat([zA[m], A[m]]) for m in A}, {m: torch.cat([zB[m], B[m]]) for m in B},
+                     lm.name, lm.sha256, 1, 1.0, ["zero", "real"])
+    write_shard(tmp / "zero_and_real.safetensors", both)
+    two = describe(lm, tmp / "interp", [str(tmp / "zero_and_real.safetensors")], max_new_tokens=6)
+    assert two["description"].to_list()[0] == "none" and two["no_behavior"].to_list() == [True, False], two
     threshold = json.loads((tmp / "interp" / "interpreter.json").read_text())["calibration"]["hidden_topic"]["threshold"]
     assert (got["unsure"] == (got["confidence"] < threshold)).all()
     acc = (got["best_label"] == ds["label"]).mean()

@@ -121,7 +121,7 @@ def test_interpreter_files_are_validated(toy, tmp_path):
 
 def test_projection_interpreter_learns_toy_rule(toy):
     p, lm, tmp, _ = toy
-    # without no-behaviour rows: with them (null_rate 0.25) this projection learned none of the rule (0/8)
+    # without no-behaviour rows: with them (null_rate 0.25) this projection stayed at chance (2 of 8 right)
     p = p.model_copy(update={"interpreter": p.interpreter.model_copy(update={
         "kind": "projection", "projection_lora": True, "n_soft_tokens": 2, "lr": 0.003, "epochs": 60, "patience": 60,
         "null_rate": 0.0})})

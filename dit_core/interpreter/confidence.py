@@ -22,11 +22,13 @@ If no set reaches the target, `threshold` is null and every answer is unsure. An
 its confidence is below the threshold.
 
 No-behaviour answer. An interpreter trained with `interpreter.null_rate` > 0 also learned to answer
-`null_answer` (default "none") on random diffs of a training diff's size and on the zero diff
-(`null_factors`, dit_core/interpreter/training.py). That answer joins the vocabulary (last), so the
-confidence of a known label is its probability against "none" as well as against the other labels; a
-diff whose best label is the null answer is reported with `no_behavior` true, and an out-of-distribution
-diff counts as confidently wrong only when it is confidently named a known label.
+`null_answer` (default "none") on the zero diff (dit_core/interpreter/training.py: `_epoch_rows`); the
+evaluation's random-noise diffs stay unseen in training. That answer joins the vocabulary (last), so
+the confidence of a known label is its probability against "none" as well as against the other
+labels. An out-of-distribution diff counts as confidently wrong only when it is confidently named a
+known label.
+describe's `no_behavior` is whether the answer itself is the null answer: a diff of a new news story
+has a behaviour, and its best label may still be "none" (no known headline fits it better).
 
 Interpreters saved before labels were recorded describe as before with confidence and unsure null; ones
 with labels but no calibration (no validation diffs) give a confidence and unsure null.
@@ -206,18 +208,16 @@ def recalibrate(lm, interpreter_dir: str | Path, dataset_dir: str | Path, target
 
 def describe_confidence(interp, tokenizer, behavior: str | None, question: str, diffs: Diffs,
                         n: int) -> list[dict]:
-    """Per diff row 0..n-1: confidence, margin, best_label, unsure, no_behavior (best label is the null
-    answer; all None for an interpreter without a label vocabulary)."""
+    """Per diff row 0..n-1: confidence, margin, best_label, unsure (all None for an interpreter without a
+    label vocabulary)."""
     key = behavior_key(interp.spec, behavior)
     vocab = (interp.spec.labels or {}).get(key) if key else None
     if not vocab:
-        return [{"confidence": None, "margin": None, "best_label": None, "unsure": None, "no_behavior": None}
-                for _ in range(n)]
+        return [{"confidence": None, "margin": None, "best_label": None, "unsure": None} for _ in range(n)]
     calib = (interp.spec.calibration or {}).get(key)
     conf = from_scores(label_scores(interp, tokenizer, question, vocab, diffs, list(range(n))), vocab)
     return [{"confidence": float(c), "margin": float(m) if math.isfinite(m) else None, "best_label": b,
-             "unsure": is_unsure(float(c), calib), "no_behavior": b == interp.spec.null_answer}
-            for b, c, m in zip(conf.best, conf.confidence, conf.margin)]
+             "unsure": is_unsure(float(c), calib)} for b, c, m in zip(conf.best, conf.confidence, conf.margin)]
 
 
 # -- out-of-distribution diffs -------------------------------------------------------------------
@@ -243,25 +243,6 @@ def noise_diffs(A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], seed: in
         a = a * (target / have.clamp_min(1e-30)).view(-1, 1, 1)
         nA[m], nB[m] = a.to(A[m].dtype).to(A[m].device), b.to(B[m].dtype).to(B[m].device)
     return nA, nB
-
-
-def null_factors(A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], kinds: list[str], seeds: list[int]
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Copies of stacked factors with diff i replaced by a no-behaviour diff: kinds[i] "noise" (random
-    factors with that diff's per-module Frobenius norms, `noise_diffs` seeded seeds[i]) or "zero"; "" keeps
-    diff i. The inputs are not modified."""
-    A, B = {m: v.clone() for m, v in A.items()}, {m: v.clone() for m, v in B.items()}
-    for i, (kind, seed) in enumerate(zip(kinds, seeds)):
-        if kind == "noise":
-            nA, nB = noise_diffs({m: v[i : i + 1] for m, v in A.items()}, {m: v[i : i + 1] for m, v in B.items()}, seed)
-            for m in A:
-                A[m][i], B[m][i] = nA[m][0], nB[m][0]
-        elif kind == "zero":
-            for m in A:
-                A[m][i], B[m][i] = 0.0, 0.0
-        elif kind:
-            raise ValueError(f"null kind {kind!r} of row {i}: expected 'noise', 'zero' or ''")
-    return A, B
 
 
 def zero_diffs(A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], n: int = 1

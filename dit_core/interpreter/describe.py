@@ -93,9 +93,9 @@ def describe(lm: LoadedModel, interpreter_dir: str | Path, refs: list[str], stor
              cache_bytes: int = 512 * 2**20) -> pl.DataFrame:
     """One description per diff (in batches of `batch_size`, read as they are reached): columns diff, description, and how sure the
     interpreter is (`dit_core.interpreter.confidence`): confidence (the best known label's probability),
-    margin, best_label, unsure (confidence below the threshold chosen on val), no_behavior (the best label
-    is the answer it was trained to give on diffs with no behaviour, interpreter.null_answer); null for an
-    interpreter saved without a label vocabulary (unsure null also where it has no threshold).
+    margin, best_label, unsure (confidence below the threshold chosen on val), null for an interpreter
+    saved without a label vocabulary (unsure null also where it has no threshold); no_behavior: the
+    description is the answer it was trained to give on diffs with no behaviour (interpreter.null_answer).
 
     behavior: ask that behaviour's question (one the interpreter was trained with); default its first.
     any_base: accept PEFT adapters that record another base model (see `import_peft`).
@@ -119,5 +119,6 @@ def describe(lm: LoadedModel, interpreter_dir: str | Path, refs: list[str], stor
         scale = torch.tensor([s.scale for _, s in chunk], device=lm.device)
         texts = interp.describe(lm.tokenizer, (A, B, scale), list(range(len(chunk))), max_new_tokens, question)
         sure = describe_confidence(interp, lm.tokenizer, behavior, question, (A, B, scale), len(chunk))
-        rows += [{"diff": name, "description": t, **c} for (name, _), t, c in zip(chunk, texts, sure)]
+        rows += [{"diff": name, "description": t, **c, "no_behavior": t.strip() == interp.spec.null_answer}
+                 for (name, _), t, c in zip(chunk, texts, sure)]
     return pl.DataFrame(rows, schema=DESCRIBE_SCHEMA)

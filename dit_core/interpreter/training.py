@@ -39,7 +39,7 @@ from dit_core.interpreter.adapter import (
     label_example,
     save_interpreter,
 )
-from dit_core.interpreter.confidence import calibrate, null_factors
+from dit_core.interpreter.confidence import calibrate
 from dit_core.io import atomic_path, compare_record, move_aside, write_json_atomic
 from dit_core.modeling.lora import DiffModel
 from dit_core.modeling.models import LoadedModel, sha256_file
@@ -185,26 +185,25 @@ class InterpreterRecipe:
                                            cosine=self.cfg.schedule == "cosine")
 
     def _epoch_rows(self, epoch: int) -> pl.DataFrame:
-        """The epoch's training rows, shuffled: every training diff once and `n_null` no-behaviour rows,
-        each a copy of a random training row (its behaviour's question) with label null_answer and the
-        diff replaced (`null`: "noise", random factors of that diff's per-module size seeded by
-        `null_seed`, new each epoch; "zero", one row in four: the zero diff)."""
+        """The epoch's training rows, shuffled: every training diff once and `n_null` no-behaviour rows
+        (`null` true), each a copy of a random training row (so its behaviour's question) with label
+        null_answer, which `_batch` gives the zero diff."""
         seed = self.cfg.seed + epoch
         if not self.n_null:
             return self.train_df.sample(fraction=1.0, shuffle=True, seed=seed)
         n, height = self.n_null, self.train_df.height
         copies = self.train_df.sample(n=n, with_replacement=n > height, shuffle=True, seed=seed)
-        nulls = copies.with_columns(label=pl.lit(self.cfg.null_answer),
-                                    null=pl.Series(["zero" if i % 4 == 3 else "noise" for i in range(n)]),
-                                    null_seed=pl.Series([seed * 1_000_003 + i for i in range(n)], dtype=pl.Int64))
-        real = self.train_df.with_columns(null=pl.lit(""), null_seed=pl.lit(0, dtype=pl.Int64))
+        nulls = copies.with_columns(label=pl.lit(self.cfg.null_answer), null=pl.lit(True))
+        real = self.train_df.with_columns(null=pl.lit(False))
         return pl.concat([real, nulls]).sample(fraction=1.0, shuffle=True, seed=seed)
 
     def _batch(self, rows: pl.DataFrame):
         ids = rows["diff_id"].to_list()
         A, B, scale = self.bank.get(ids)
-        if "null" in rows.columns and (rows["null"] != "").any():
-            A, B = null_factors(A, B, rows["null"].to_list(), rows["null_seed"].to_list())
+        if "null" in rows.columns and rows["null"].any():  # no-behaviour rows: the zero diff
+            keep = torch.tensor((~rows["null"]).to_list()).view(-1, 1, 1)
+            A = {k: v * keep.to(v.device, v.dtype) for k, v in A.items()}
+            B = {k: v * keep.to(v.device, v.dtype) for k, v in B.items()}
         dev = self.lm.device
         A = {k: v.to(dev) for k, v in A.items()}
         B = {k: v.to(dev) for k, v in B.items()}
