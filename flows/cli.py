@@ -236,8 +236,8 @@ def describe(
     set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Say in words what each weight diff does, with the interpreter's confidence ("unsure (best guess: ...)"
-    below the threshold chosen on the validation split; "no behaviour it knows" where its best answer is the
-    one it was trained to give on random diffs; docs/confidence.md).
+    below the threshold chosen on the validation split; "no behaviour it knows" where the answer is the one
+    it was trained to give on the zero diff, interpreter.null_answer; docs/confidence.md).
 
     Examples:
       dit describe ht00003

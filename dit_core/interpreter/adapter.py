@@ -51,8 +51,8 @@ class InterpreterSpec:
     # Recorded when training ends (dit_core.interpreter.confidence); None in interpreters saved before:
     labels: dict[str, list[str]] | None = None  # behaviour -> its training labels (confidence vocabulary)
     calibration: dict[str, dict] | None = None  # behaviour -> unsure threshold chosen on val
-    # The answer it was trained to give on diffs with no behaviour it knows (random and zero diffs), and
-    # how many such rows per training diff; None / 0 in interpreters trained without them.
+    # The answer it was trained to give on a diff with no behaviour (rows of the zero diff), and how many
+    # such rows per training diff; None / 0 in interpreters trained without them.
     null_answer: str | None = None
     null_rate: float = 0.0
 
