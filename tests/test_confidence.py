@@ -179,6 +179,21 @@ def test_describe_returns_confidence_and_unsure(trained):
     write_shard(tmp / "zero_and_real.safetensors", both)
     two = describe(lm, tmp / "interp", [str(tmp / "zero_and_real.safetensors")], max_new_tokens=6)
     assert two["description"].to_list()[0] == "none" and two["no_behavior"].to_list() == [True, False], two
+    # the CLI says so in words
+    from typer.testing import CliRunner
+
+    from dit_core.modeling.models import fetch_model
+    from flows.cli import app
+
+    fetch_model(section("model", source="local", id=str(p.model.id)), tmp / "cli" / "models")
+    args = ["--params", str(PARAMS), "--set", "model.source=local", "--set", f"model.id={p.model.id}",
+            "--set", f"paths.data={tmp / 'cli'}", "--set", "model.device=cpu"]
+    res = CliRunner().invoke(app, ["describe", str(tmp / "zero_and_real.safetensors"), "--interpreter",
+                                   str(tmp / "interp"), *args])
+    assert res.exit_code == 0, res.output
+    zero_line = next(line for line in res.output.splitlines() if "#zero" in line)
+    said = "unsure (best guess: none)" if two["unsure"][0] else "no behaviour it knows (none)"
+    assert said in zero_line and "no behaviour" not in next(l for l in res.output.splitlines() if "#real" in l)
     threshold = json.loads((tmp / "interp" / "interpreter.json").read_text())["calibration"]["hidden_topic"]["threshold"]
     assert (got["unsure"] == (got["confidence"] < threshold)).all()
     acc = (got["best_label"] == ds["label"]).mean()
