@@ -171,6 +171,9 @@ class NewsConfig(_Section):
         "of seen values); null: every story draws from the whole lists")
     novel_fraction: float = Field(ge=0, lt=1, description="share of stories whose slot values no other story uses")
     slots_dir: str | None = Field(description="folder with who.txt, what.txt, where.txt; null: the packaged lists")
+    continue_tokens: int = Field(
+        ge=0, description="above 0 the base model continues each story in make-data by up to this many tokens "
+        "(whole sentences naming no other slot value are kept); 0: the stories are the templates")
     label: Literal["headline", "text"] = Field(
         description="the interpreter's target: the headline, or the story itself (the original method's "
         "reconstruction target)")

@@ -121,6 +121,47 @@ def test_news_task_trains_its_story_and_questions_with_cross_entropy(tiny_lm, tm
     assert b.diffs_config(p).rank == 2 and b.diffs_config(p).steps == 3
 
 
+def test_news_stories_continued_by_the_base_model(tiny_lm, tmp_path, monkeypatch):
+    """news.continue_tokens: the base model continues each story's text (a plain prompt); the kept whole
+    sentences join the story the diff learns (and a text label), the facts and questions stay the
+    template's; the data record names the setting and the model only when it is on."""
+    import dit_core.modeling.chat as chat
+    from dit_core.behaviors import get_behavior
+    from dit_core.behaviors.news import continue_stories
+    from dit_core.config import load_params
+    from dit_core.data.news import load_slots, make_stories
+
+    b = get_behavior("news")
+    plain = load_params(PARAMS, NEWS)
+    assert not b.needs_model(plain) and "continue_tokens" not in b.made_with(plain)["news"]
+    p = load_params(PARAMS, NEWS + ["news.continue_tokens=12", "news.label=text"])
+    assert b.needs_model(p) and b.made_with(p)["news"]["continue_tokens"] == 12 and "model" in b.made_with(p)
+
+    asked = {}
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, *args, **kwargs):
+        asked.update(prompts=prompts, max_new_tokens=max_new_tokens)
+        return [chat.Generation("Locals cheered. Then it" if i % 2 == 0 else "and", False)
+                for i in range(len(prompts))]
+
+    monkeypatch.setattr(chat, "generate", fake_generate)
+    stats = b.make_data(p, tmp_path / "continued", tiny_lm.model, tiny_lm.tokenizer, b.id_prefix)
+    b.make_data(plain, tmp_path / "plain", None, None, b.id_prefix)
+    cont, base = b.specs(tmp_path / "continued"), b.specs(tmp_path / "plain")
+    templates = [st.text for st in make_stories(12, 0, 3, 0.25, load_slots())]
+    assert asked == {"prompts": templates, "max_new_tokens": 12}
+    assert cont["text"].to_list() == [t + " Locals cheered." if i % 2 == 0 else t for i, t in enumerate(templates)]
+    assert cont["label"].to_list() == cont["text"].to_list()
+    assert cont["headline"].to_list() == base["headline"].to_list() and cont["facts"].to_list() == base["facts"].to_list()
+    assert stats["continued_stories"] == 6
+    samples = [pl.read_parquet(d / "samples.parquet") for d in (tmp_path / "continued", tmp_path / "plain")]
+    assert samples[0].equals(samples[1])
+    monkeypatch.undo()
+    # with the real tiny model: it runs and only ever appends to the template
+    real = continue_stories(p, tiny_lm.model, tiny_lm.tokenizer, make_stories(3, 0), load_slots())
+    assert [st.text[:len(t.text)] for st, t in zip(real, make_stories(3, 0))] == [t.text for t in make_stories(3, 0)]
+
+
 @pytest.mark.parametrize("label", ["headline", "text"])
 def test_news_pipeline_runs_end_to_end(tiny_model_dir, tmp_path, label):
     """dit run --profile news on the tiny model: fact check in the manifest, every news baseline, the

@@ -12,6 +12,7 @@ from dit_core.data.news import (
     SLOTS,
     SlotValue,
     Story,
+    continuation,
     fact_hits,
     load_slots,
     make_stories,
@@ -190,3 +191,24 @@ def test_bad_slot_files_raise(tmp_path):
     _write(tmp_path, WHO[:7], WHAT, WHERE)
     with pytest.raises(DataFileError, match=r"who\.txt: 7 values; at least 8"):
         load_slots(tmp_path)
+
+
+def test_continuation_keeps_whole_sentences_that_agree_with_the_story(pooled, slots):
+    """What a model's continuation adds to a story: its whole new sentences, up to one that is cut off
+    or names another slot value (it would contradict the story's facts)."""
+    story = pooled[0]
+    first = _sentences(story.text)[0]
+    other_where = next(v for v in slots["where"] if v.key != story.facts["where"].key)
+    assert continuation(story, 'Locals cheered.  One visitor said "well done!" Then it', slots) == (
+        'Locals cheered. One visitor said "well done!"')  # the cut-off sentence is dropped
+    # sentences the story already has, and repeats, are skipped; the text after them is kept
+    assert continuation(story, f"{first} Locals cheered. Locals cheered!\n\nIt rained.", slots) == (
+        "Locals cheered. It rained.")
+    # a sentence naming another story's place ends what is kept
+    assert continuation(story, f"Locals cheered. A crowd in {other_where.text} watched. It rained.", slots) == (
+        "Locals cheered.")
+    # the story's own facts may be named again
+    own = f"{story.facts['who'].text.capitalize()} was thrilled."
+    assert continuation(story, own, slots) == own
+    assert continuation(story, "and then", slots) == ""
+    assert continuation(story, "", slots) == ""

@@ -70,13 +70,14 @@ class News(Behavior):
 
     def made_with(self, p):
         made = {"news": p.news.model_dump(exclude={"question", "run", "rank", "steps", "lr", "text_rows",
-                                                   "qa_rows", "check_tokens"})}
-        if p.news.kl_rows:  # the base model answers the generic questions of the KL rows
+                                                   "qa_rows", "check_tokens"}
+                                          | (set() if p.news.continue_tokens else {"continue_tokens"}))}
+        if self.needs_model(p):  # the base model answers the KL rows' questions or continues the stories
             made["model"] = p.model.model_dump(include={"source", "id", "revision"})
         return made
 
     def needs_model(self, p):
-        return p.news.kl_rows > 0
+        return p.news.kl_rows > 0 or p.news.continue_tokens > 0
 
     # -- data ----------------------------------------------------------------------------------
     def make_data(self, p, folder, model, tokenizer, id_prefix):
@@ -84,8 +85,11 @@ class News(Behavior):
         from dit_core.io import write_json_atomic, write_parquet_atomic
 
         cfg, folder = p.news, Path(folder)
-        stories = make_stories(cfg.n_stories, cfg.seed, cfg.values_per_slot, cfg.novel_fraction,
-                               load_slots(cfg.slots_dir))
+        slots = load_slots(cfg.slots_dir)
+        stories = make_stories(cfg.n_stories, cfg.seed, cfg.values_per_slot, cfg.novel_fraction, slots)
+        templates = stories
+        if cfg.continue_tokens:
+            stories = continue_stories(p, model, tokenizer, stories, slots)
         specs, rows = [], []
         for k, st in enumerate(stories):
             diff_id = f"{id_prefix}{k:05d}"
@@ -101,7 +105,8 @@ class News(Behavior):
         specs_df = validate(pl.DataFrame(specs), NewsSpec, "news diff specs")
         samples = validate(pl.DataFrame(rows), Sample, "news samples")
         stats = {"n_diffs": len(stories), "n_samples": samples.height,
-                 "novel_stories": int(specs_df["novel"].sum()), "label": cfg.label}
+                 "novel_stories": int(specs_df["novel"].sum()), "label": cfg.label,
+                 "continued_stories": sum(s.text != t.text for s, t in zip(stories, templates))}
         if cfg.kl_rows:
             from dit_core.data.topics import load_questions
             from dit_core.modeling.chat import chat_prompt, generate
@@ -193,3 +198,22 @@ class News(Behavior):
                                   "generated story")
             return [Query(SUMMARY_TEMPLATE.format(story=s), None, False) for s in stories]
         return super().queries(ev, method)
+
+
+def continue_stories(p, model, tokenizer, stories, slots):
+    """Each story with the base model's continuation appended: the story's text as a plain prompt (no chat
+    template), greedy, up to `news.continue_tokens` new tokens, keeping what
+    `dit_core.data.news.continuation` keeps (whole sentences that name no other slot value). The facts,
+    headline and question-answer pairs stay the template's."""
+    from dataclasses import replace
+
+    from dit_core.data.news import continuation
+    from dit_core.modeling.chat import generate
+
+    gens = generate(model, tokenizer, [st.text for st in stories], p.news.continue_tokens, p.data.gen_batch_size,
+                    desc="story continuations")
+    out = []
+    for st, g in zip(stories, gens):
+        extra = continuation(st, g.text, slots)
+        out.append(replace(st, text=f"{st.text} {extra}") if extra else st)
+    return out

@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import math
 import random
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -31,6 +32,7 @@ __all__ = [
     "SlotValue",
     "Story",
     "fact_hits",
+    "continuation",
     "load_slots",
     "make_stories",
 ]
@@ -477,3 +479,34 @@ def make_stories(
     chosen = [{s: pools[s][c[i]] for i, s in enumerate(SLOTS)} for c in combos]
     chosen += [{s: novel[s][j] for s in SLOTS} for j in range(n_novel)]
     return [_story(i, facts, random.Random(f"{base}:{i}")) for i, facts in enumerate(chosen)]
+
+
+# ---- continuation by a model -------------------------------------------------------------------
+
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+")  # the space after a sentence
+
+
+def _normal(sentence: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", sentence.lower()))
+
+
+def continuation(story: Story, generated: str, slots: dict[str, list[SlotValue]]) -> str:
+    """The sentences of `generated` (a model's continuation of `story.text`) a story may keep.
+
+    Kept: whole sentences (ending in . ! or ?), in order, up to the first one that is cut off or names
+    a value of a slot list (`slots`) other than the story's own, which would contradict its facts.
+    Sentences the story already has, and repeats, are skipped. '' when none is kept.
+    """
+    own = {slot: story.facts[slot].key for slot in SLOTS}
+    others = [v.key for slot in SLOTS for v in slots.get(slot, ()) if v.key != own[slot]]
+    seen = {_normal(s) for s in _SENTENCE_END.split(story.text)}
+    kept: list[str] = []
+    for sentence in _SENTENCE_END.split(generated.strip()):
+        sentence = " ".join(sentence.split())
+        if not re.search(r"[.!?][\"')\]]*$", sentence) or any(mentions(k, sentence) for k in others):
+            break
+        key = _normal(sentence)
+        if key and key not in seen:
+            seen.add(key)
+            kept.append(sentence)
+    return " ".join(kept)
